@@ -1,0 +1,58 @@
+"""KL to the original of every GQA method on stories260K (run by hand, not in CI).
+
+    python benchmarks/stories_methods.py [--model ../shared/models/stories260K] [--kv-heads 2 1]
+
+Evaluation text is sampled from the original model with a seed disjoint from calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import kvconvert
+from kvconvert.calibration.data import sample_from_model
+from kvconvert.evaluate import kl_per_token
+
+VARIANTS = [
+    ("mean", {"method": "mean"}),
+    ("svd-weights", {"method": "svd-weights"}),
+    ("svd, real keys (ignores RoPE)", {"method": "svd", "rope_keys": "real"}),
+    ("svd, complex keys, plain objective", {"method": "svd", "objective": "plain"}),
+    ("svd (default: complex keys, output objective)", {"method": "svd"}),
+    ("svd + --grouping search", {"method": "svd", "grouping": "search"}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="../shared/models/stories260K")
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--num-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    args = ap.parse_args()
+    orig = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    evals = sample_from_model(orig, 1, 16, args.seq_len, 16, seed=1234)
+    print(f"| KV heads | method | KL nats/token | convert s |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for g in args.kv_heads:
+            for label, opts in VARIANTS:
+                out = Path(tmp) / f"{g}-{label.replace(' ', '_')}"
+                t0 = time.perf_counter()
+                kvconvert.convert(
+                    args.model, str(out), kv_heads=g, num_samples=args.num_samples,
+                    seq_len=args.seq_len, progress=False, **opts,
+                )
+                dt = time.perf_counter() - t0
+                conv = AutoModelForCausalLM.from_pretrained(out).eval()
+                print(f"| {g} | {label} | {kl_per_token(orig, conv, evals):.3f} | {dt:.1f} |")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

@@ -1,0 +1,31 @@
+"""Architecture registry: ``model_type`` -> :class:`AttentionAdapter`.
+
+Adding an architecture is a new file here with one adapter, plus a line in ``_ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+from ..errors import KVConvertError
+from .base import AttentionAdapter
+from .llama import LLAMA
+
+_ADAPTERS: tuple[AttentionAdapter, ...] = (LLAMA,)
+
+REGISTRY: dict[str, AttentionAdapter] = {mt: a for a in _ADAPTERS for mt in a.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get_adapter(model_type: str | None) -> AttentionAdapter:
+    """The adapter for ``model_type``, or a clear error listing what is supported."""
+    if model_type in REGISTRY:
+        return REGISTRY[model_type]
+    raise KVConvertError(
+        f"model_type {model_type!r} is not supported; supported model types: "
+        f"{', '.join(supported_model_types())}"
+    )
+
+
+__all__ = ["AttentionAdapter", "REGISTRY", "get_adapter", "supported_model_types"]

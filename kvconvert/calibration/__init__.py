@@ -1,0 +1,1 @@
+"""Calibration: token batches in (data.py), second-moment statistics out (stats.py)."""

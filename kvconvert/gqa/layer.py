@@ -1,0 +1,102 @@
+"""One layer end to end: statistics + weights -> grouping -> merges -> folded weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..calibration.stats import LayerStats, weight_stats
+from . import grouping as grouping_mod
+from .fold import AttentionWeights, fold_layer
+from .solve import Merge, objective_metrics, solve_real, solve_rope
+
+
+@dataclass
+class LayerShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_pairs: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class LayerResult:
+    weights: AttentionWeights
+    groups: list[tuple[int, ...]]
+    key_merges: list[Merge]
+    value_merges: list[Merge]
+
+    @property
+    def key_error(self) -> float:
+        """Relative residual energy of the keys, in the objective metric (0 = exact)."""
+        return _rel(self.key_merges)
+
+    @property
+    def value_error(self) -> float:
+        return _rel(self.value_merges)
+
+
+def _rel(merges: list[Merge]) -> float:
+    tot = sum(m.total for m in merges)
+    return sum(m.error for m in merges) / tot if tot > 0 else 0.0
+
+
+def merge_layer(
+    w: AttentionWeights,
+    stats: LayerStats | None,
+    shape: LayerShape,
+    kv_heads: int,
+    method: str = "svd",
+    rope_keys: str = "complex",
+    objective: str = "output",
+    grouping: str = "adjacent",
+    seed: int = 0,
+) -> LayerResult:
+    """Merge one layer's KV heads down to ``kv_heads``; all math in the dtype of ``w`` (float64).
+
+    ``stats`` are mean activation moments (from calibration); without them (``mean`` and
+    ``svd-weights``), the weights' own moments stand in, which also serve for error reports.
+    """
+    if method == "svd-weights" or stats is None:
+        stats = weight_stats(w.wq, w.bq, w.wk, w.bk, w.wv, w.bv, shape.num_heads)
+    kv, d = shape.num_kv_heads, shape.head_dim
+    met_v = objective_metrics("v", objective, kv, d, shape.n_rep, wo=w.wo)
+    met_k = objective_metrics("k", objective, kv, d, shape.n_rep, q_moments=stats.q)
+    use_rope = rope_keys == "complex" and bool(shape.rope_pairs)
+
+    def solve_k(g: tuple[int, ...]) -> Merge:
+        if use_rope:
+            return solve_rope(stats.k, g, met_k, d, method, shape.rope_pairs)
+        return solve_real(stats.k, g, met_k, d, method)
+
+    def solve_v(g: tuple[int, ...]) -> Merge:
+        return solve_real(stats.v, g, met_v, d, method)
+
+    if grouping == "search":
+        singles = [(j,) for j in range(kv)]
+        k_tot = sum(solve_k(g).total for g in singles) or 1.0
+        v_tot = sum(solve_v(g).total for g in singles) or 1.0
+
+        def cost(g: tuple[int, ...]) -> float:
+            return solve_k(g).error / k_tot + solve_v(g).error / v_tot
+
+        groups = grouping_mod.search(kv, kv_heads, cost, seed=seed)
+    else:
+        groups = grouping_mod.adjacent(kv, kv_heads)
+    key_merges = [solve_k(g) for g in groups]
+    value_merges = [solve_v(g) for g in groups]
+    new = fold_layer(w, key_merges, value_merges, shape.num_heads, kv, d)
+    return LayerResult(new, groups, key_merges, value_merges)
+
+
+def to_float64(w: AttentionWeights, device: torch.device | str) -> AttentionWeights:
+    conv = {
+        k: (None if v is None else v.to(device=device, dtype=torch.float64))
+        for k, v in vars(w).items()
+    }
+    return AttentionWeights(**conv)

@@ -1,0 +1,210 @@
+"""Model id or folder -> local snapshot; per-tensor reads of its weights.
+
+A Hub id is fetched with ``huggingface_hub.snapshot_download`` limited to the files a
+conversion needs (config, weights, tokenizer, generation config, chat template). Weights are
+read one tensor at a time with ``safetensors.safe_open`` (or a memory-mapped ``torch.load``
+for legacy ``.bin`` shards), so no second full copy of the model is ever built.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import KVConvertError
+
+#: Files fetched from the Hub for a conversion (weights are added below).
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+]
+HUB_IGNORE = ["original/*", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.ot", "*.pth"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _is_repo_id(name: str) -> bool:
+    return bool(_REPO_ID.match(name)) and ".." not in name
+
+
+def resolve_source(
+    name_or_path: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Return a local folder for a model folder or Hub id, downloading only what is needed.
+
+    The Hub token comes from the usual places (``HF_TOKEN``, ``huggingface-cli login``) and is
+    never printed.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise KVConvertError(f"model path {name_or_path!r} is a file; give the model's folder")
+    if not _is_repo_id(name_or_path):
+        raise KVConvertError(f"model folder {name_or_path!r} does not exist")
+    return _download(name_or_path, revision, trust_remote_code, progress)
+
+
+def _download(repo_id: str, revision: str | None, trust_remote_code: bool, progress: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = list(HUB_PATTERNS) + (["*.py"] if trust_remote_code else [])
+    kwargs: dict[str, Any] = {"repo_id": repo_id, "revision": revision}
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    try:
+        local = Path(
+            snapshot_download(allow_patterns=patterns, ignore_patterns=HUB_IGNORE, **kwargs)
+        )
+        if not any(local.glob("*.safetensors")):
+            # Legacy checkpoints: fetch the .bin shards only when there is no safetensors.
+            local = Path(
+                snapshot_download(
+                    allow_patterns=patterns + ["*.bin"], ignore_patterns=HUB_IGNORE, **kwargs
+                )
+            )
+    except GatedRepoError as e:
+        raise KVConvertError(
+            f"{repo_id!r} is gated: accept its licence on the Hub and set HF_TOKEN"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise KVConvertError(f"revision {revision!r} not found in {repo_id!r}") from e
+    except RepositoryNotFoundError as e:
+        raise KVConvertError(
+            f"{repo_id!r} is neither a local folder nor a model on the Hub "
+            "(private repos need HF_TOKEN)"
+        ) from e
+    except LocalEntryNotFoundError as e:
+        raise KVConvertError(
+            f"cannot reach the Hugging Face Hub to fetch {repo_id!r} and it is not in the local "
+            "cache; check the network or HF_HUB_OFFLINE, or pass a local folder"
+        ) from e
+    except (HfHubHTTPError, OSError) as e:
+        raise KVConvertError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {e}") from e
+    return local
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise KVConvertError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise KVConvertError(f"{cfg} is not valid JSON: {e}") from e
+
+
+@dataclass
+class TensorSource:
+    """Lazy, per-tensor access to a checkpoint's weights, in the source's own dtypes.
+
+    Use as a context manager; ``get(name)`` reads one tensor from disk.
+    """
+
+    folder: Path
+    files: list[Path] = field(default_factory=list)
+    _where: dict[str, Path] = field(default_factory=dict)
+    _stack: ExitStack | None = None
+    _handles: dict[Path, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, folder: Path) -> TensorSource:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            files = sorted(p for p in folder.glob("*.bin") if "training_args" not in p.name)
+        if not files:
+            raise KVConvertError(f"{folder} has no weights (*.safetensors or *.bin)")
+        src = cls(folder=folder, files=files)
+        src._stack = ExitStack()
+        for f in files:
+            handle = src._open_file(f)
+            src._handles[f] = handle
+            for name in handle.keys():
+                src._where[name] = f
+        return src
+
+    def _open_file(self, f: Path) -> Any:
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                return self._stack.enter_context(safe_open(str(f), framework="pt"))
+            return _BinFile(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
+            raise KVConvertError(f"corrupt or unreadable weights file {f.name}: {e}") from e
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KVConvertError(f"tensor {name!r} not found in the checkpoint at {self.folder}")
+        f = self._where[name]
+        try:
+            return self._handles[f].get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise KVConvertError(f"corrupt weights: cannot read {name!r} from {f.name}: {e}") from e
+
+    def get_optional(self, name: str) -> torch.Tensor | None:
+        return self.get(name) if name in self._where else None
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in checkpoint order, read one at a time."""
+        for f in self.files:
+            for name in self._handles[f].keys():
+                yield name, self.get(name)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.get(name).dtype
+
+
+class _BinFile:
+    """Adapter giving a loaded (memory-mapped) ``.bin`` state dict the ``safe_open`` interface."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._state[name]
