@@ -38,15 +38,20 @@ def main() -> None:
     args = ap.parse_args()
     orig = AutoModelForCausalLM.from_pretrained(args.model).eval()
     evals = sample_from_model(orig, 1, 16, args.seq_len, 16, seed=1234)
-    print(f"| KV heads | method | KL nats/token | convert s |\n|---|---|---|---|")
+    print("| KV heads | method | KL nats/token | convert s |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for g in args.kv_heads:
             for label, opts in VARIANTS:
                 out = Path(tmp) / f"{g}-{label.replace(' ', '_')}"
                 t0 = time.perf_counter()
                 kvconvert.convert(
-                    args.model, str(out), kv_heads=g, num_samples=args.num_samples,
-                    seq_len=args.seq_len, progress=False, **opts,
+                    args.model,
+                    str(out),
+                    kv_heads=g,
+                    num_samples=args.num_samples,
+                    seq_len=args.seq_len,
+                    progress=False,
+                    **opts,
                 )
                 dt = time.perf_counter() - t0
                 conv = AutoModelForCausalLM.from_pretrained(out).eval()

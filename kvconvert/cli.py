@@ -7,13 +7,12 @@ optional, so other verbs (``demo``, and later ``eval``, ``heal``, ``push``) live
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
 import click
 
 from .errors import KVConvertError
-from .gqa.grouping import GROUPINGS
-from .gqa.solve import METHODS
-from .recipe import DEVICES, DTYPES, OBJECTIVES, ROPE_KEYS, TARGETS, Recipe
+from .recipe import Recipe
 
 
 class DefaultToConvert(click.Group):
@@ -36,47 +35,30 @@ def main() -> None:
     """
 
 
+def recipe_options(func):  # noqa: ANN001, ANN201 - decorator
+    """Add one Click option per Recipe field (the Recipe is the single source of options)."""
+    for f in reversed(fields(Recipe)):
+        meta = f.metadata
+        if meta.get("cli") == "argument":
+            func = click.argument(f.name)(func)
+            continue
+        decls = [f"--{f.name.replace('_', '-')}"] + ([meta["short"]] if "short" in meta else [])
+        kwargs: dict = {"help": meta["help"], "required": meta.get("required", False)}
+        if f.default is False:
+            kwargs["is_flag"] = True
+        else:
+            kwargs["default"] = f.default
+            kwargs["show_default"] = f.default is not None
+            if meta.get("choices"):
+                kwargs["type"] = click.Choice(meta["choices"])
+            elif "type" in meta:
+                kwargs["type"] = meta["type"]
+        func = click.option(*decls, **kwargs)(func)
+    return func
+
+
 @main.command("convert")
-@click.argument("model")
-@click.option("-o", "--output", required=True, help="Output folder (refused if it exists).")
-@click.option("--target", type=click.Choice(TARGETS), default="gqa", show_default=True,
-              help="Conversion: gqa merges KV heads.")
-@click.option("--kv-heads", type=int, help="KV heads per layer after merging; must divide the "
-              "current count.")
-@click.option("--method", type=click.Choice(METHODS), default="svd", show_default=True,
-              help="mean: average the group (baseline); svd-weights: SVD of the weights, no "
-              "data; svd: eigendecomposition of calibration activations.")
-@click.option("--rope-keys", type=click.Choice(ROPE_KEYS), default="complex", show_default=True,
-              help="complex: per-frequency complex merge that commutes with RoPE (exact fold); "
-              "real: real PCA that ignores RoPE (baseline, not exact).")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="output", show_default=True,
-              help="output: weigh values by o_proj and keys by the queries reading them; "
-              "plain: unweighted.")
-@click.option("--grouping", type=click.Choice(GROUPINGS), default="adjacent", show_default=True,
-              help="adjacent heads, or search the grouping that loses least per layer.")
-@click.option("--calibration", default="self", show_default=True,
-              help="'self' (sample from the model), a .txt file/folder, a .jsonl (text or "
-              "input_ids), or a Hub dataset id.")
-@click.option("--num-samples", type=int, default=32, show_default=True,
-              help="Calibration sequences.")
-@click.option("--seq-len", type=int, default=256, show_default=True,
-              help="Tokens per calibration sequence.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Calibration sequences per forward pass.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for sampling, shuffling and search.")
-@click.option("--text-field", default="text", show_default=True,
-              help="Field holding the text in .jsonl calibration data.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="Where calibration and solving run (auto: CUDA if available).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
-              help="Output dtype (auto: keep the source's).")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="Largest output shard, e.g. 5GB or 500MB.")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Allow the source model's own code to run (off by default).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@recipe_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def convert_cmd(quiet: bool, **options: object) -> None:
     """Convert MODEL (a local folder or a Hub id) and write the result to --output."""

@@ -13,7 +13,7 @@ import torch
 
 from .calibration.data import sample_from_model
 from .evaluate import kl_per_token, kv_cache_bytes
-from .pipeline import convert
+from .pipeline import convert, quiet_libraries
 from .recipe import Recipe
 
 
@@ -43,13 +43,22 @@ def run_demo(output: str | Path, kv_heads: int = 4, progress: bool = True) -> di
     from transformers import AutoModelForCausalLM
 
     out = Path(output)
+    if not progress:
+        quiet_libraries()
     src = write_demo_model(out / "source")
     results = {}
     for method in ("svd", "mean"):
         dst = out / ("converted" if method == "svd" else "converted-mean")
         convert(
-            Recipe(model=str(src), output=str(dst), kv_heads=kv_heads, method=method,
-                   num_samples=16, seq_len=128, overwrite=True),
+            Recipe(
+                model=str(src),
+                output=str(dst),
+                kv_heads=kv_heads,
+                method=method,
+                num_samples=16,
+                seq_len=128,
+                overwrite=True,
+            ),
             progress=progress,
         )
         results[method] = dst

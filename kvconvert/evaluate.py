@@ -8,7 +8,10 @@ import torch.nn.functional as F
 
 @torch.inference_mode()
 def kl_per_token(
-    reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8
+    reference: torch.nn.Module,
+    candidate: torch.nn.Module,
+    tokens: torch.Tensor,
+    batch_size: int = 8,
 ) -> float:
     """Mean KL(reference || candidate) of next-token distributions, nats per token."""
     total, count = 0.0, 0

@@ -206,13 +206,14 @@ def solved_tensors(
                 recipe.grouping,
                 recipe.seed,
             )
-            bad = [k for k, v in res.weights.items().items() if v is not None and not v.isfinite().all()]
+            new = res.weights.items()
+            bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
             if bad:
                 raise KVConvertError(f"layer {i}: solved {', '.join(bad)} contain NaN/inf")
             orig = w.items()
             pending[i] = {
                 k: (v.to(out_dtype or orig[k].dtype) if v is not None else None)
-                for k, v in res.weights.items().items()
+                for k, v in new.items()
             }
             remaining[i] = len(src.attention_tensor_names(i))
             results[i] = res
@@ -231,7 +232,7 @@ def convert(recipe: Recipe, progress: bool = True, command: str | None = None) -
     output = Path(recipe.output).expanduser()
     check_output(output, recipe.overwrite)
     if not progress:
-        _quiet_libraries()
+        quiet_libraries()
     src = Source(recipe, progress)
     try:
         return _convert(recipe, src, output, progress, command, t0)
@@ -239,7 +240,7 @@ def convert(recipe: Recipe, progress: bool = True, command: str | None = None) -
         src.tensors.close()
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 

@@ -6,7 +6,7 @@ arguments, and the effective recipe is recorded in the output's ``kvconvert.json
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import KVConvertError
@@ -18,48 +18,81 @@ ROPE_KEYS = ("complex", "real")
 OBJECTIVES = ("output", "plain")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-              "GIB": 2**30}
+SIZE_UNITS = {
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, **extra: Any) -> Any:
+    """A Recipe field carrying its CLI help text and allowed values (the CLI is built from it)."""
+    return field(default=default, metadata={"help": help, "choices": choices, **extra})
 
 
 @dataclass
 class Recipe:
-    """All options of a conversion. Field docs are the CLI help texts."""
+    """All options of a conversion; each field's metadata is its CLI flag's help."""
 
-    model: str
-    output: str
-    target: str = "gqa"
-    kv_heads: int | None = None
-    method: str = "svd"
-    rope_keys: str = "complex"
-    objective: str = "output"
-    grouping: str = "adjacent"
-    calibration: str = "self"
-    num_samples: int = 32
-    seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    text_field: str = "text"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_shard_size: str = "5GB"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
+    model: str = option(None, "Source model: a local folder or a Hub id.", cli="argument")
+    output: str = option(None, "Output folder (refused if it exists).", short="-o", required=True)
+    target: str = option("gqa", "Conversion: gqa merges KV heads.", TARGETS)
+    kv_heads: int | None = option(
+        None, "KV heads per layer after merging; must divide the current count.", type=int
+    )
+    method: str = option(
+        "svd",
+        "mean: average the group (baseline); svd-weights: SVD of the weights, no data; "
+        "svd: eigendecomposition of calibration activations.",
+        METHODS,
+    )
+    rope_keys: str = option(
+        "complex",
+        "complex: per-frequency complex merge that commutes with RoPE (exact fold); "
+        "real: real PCA that ignores RoPE (baseline, not exact).",
+        ROPE_KEYS,
+    )
+    objective: str = option(
+        "output",
+        "output: weigh values by o_proj and keys by the queries that read them; plain: unweighted.",
+        OBJECTIVES,
+    )
+    grouping: str = option(
+        "adjacent", "adjacent heads, or search the grouping that loses least per layer.", GROUPINGS
+    )
+    calibration: str = option(
+        "self",
+        "'self' (sample from the model from BOS), a .txt file or folder, a .jsonl "
+        "(text or input_ids), or a Hub dataset id.",
+    )
+    num_samples: int = option(32, "Calibration sequences.", type=int)
+    seq_len: int = option(256, "Tokens per calibration sequence.", type=int)
+    batch_size: int = option(8, "Calibration sequences per forward pass.", type=int)
+    seed: int = option(0, "Seed for sampling, shuffling and search.", type=int)
+    text_field: str = option("text", "Field holding the text in .jsonl calibration data.")
+    device: str = option(
+        "auto", "Where calibration and solving run (auto: CUDA if available).", DEVICES
+    )
+    dtype: str = option("auto", "Output dtype (auto: keep the source's).", DTYPES)
+    max_shard_size: str = option("5GB", "Largest output shard, e.g. 5GB or 500MB.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
+    trust_remote_code: bool = option(
+        False, "Allow the source model's own code to run (off by default)."
+    )
+    overwrite: bool = option(False, "Replace an existing output folder.")
 
     def validate(self) -> Recipe:
         """Check every field; raise KVConvertError naming the bad option."""
-        choices = {
-            "target": TARGETS,
-            "method": METHODS,
-            "rope_keys": ROPE_KEYS,
-            "objective": OBJECTIVES,
-            "grouping": GROUPINGS,
-            "device": DEVICES,
-            "dtype": DTYPES,
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
+        if not self.model or not self.output:
+            raise KVConvertError("model and output are required")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                key = f.name
                 raise KVConvertError(
                     f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )

@@ -59,14 +59,14 @@ class AttentionAdapter:
         return r - (r % 2)
 
     def set_kv_heads(self, config: dict[str, Any], kv_heads: int) -> dict[str, Any]:
-        """Return a copy of ``config`` declaring ``kv_heads`` KV heads (everything else verbatim)."""
+        """A copy of ``config`` declaring ``kv_heads`` KV heads; everything else verbatim."""
         out = dict(config)
         out["num_key_value_heads"] = int(kv_heads)
         return out
 
     # --- checkpoint names ---------------------------------------------------------------
     def tensor_name(self, layer: int, proj: str, kind: str = "weight") -> str:
-        """Checkpoint name of ``proj`` ("q", "k", "v", "o") in ``layer``; kind "weight" or "bias"."""
+        """Checkpoint name of ``proj`` (q/k/v/o) in ``layer``; kind "weight" or "bias"."""
         module = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "o": self.o_proj}[proj]
         return f"{self.layer_prefix.format(i=layer)}{module}.{kind}"
 

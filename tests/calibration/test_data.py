@@ -1,0 +1,105 @@
+"""Calibration sources: files, folders, pre-tokenized ids, a Hub dataset, self-sampling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import kvconvert
+from kvconvert.calibration.data import load_documents, sample_from_model, tokenize_documents
+from kvconvert.errors import KVConvertError
+from tests.conftest import load
+
+
+def _with_tokenizer(src, dst):
+    """Copy a tiny model and give it a word-level tokenizer built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(src, dst)
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(60)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(dst)
+    return dst
+
+
+def test_jsonl_input_ids_are_used_verbatim(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"input_ids": list(range(i, i + 10))}) for i in range(4)))
+    toks = tokenize_documents(load_documents(str(f)), None, num_samples=3, seq_len=8, seed=0)
+    assert toks.shape == (3, 8)
+    # whole documents, each kept in order, joined into one stream (document order is shuffled)
+    flat = toks.flatten().tolist()
+    starts = [flat[k] for k in range(0, 24, 10)]
+    for k, s in enumerate(starts):
+        assert flat[k * 10 : k * 10 + 10][: 24 - k * 10] == list(range(s, s + 10))[: 24 - k * 10]
+
+
+def test_text_jsonl_txt_folder_and_field(tiny_models, tmp_path):
+    model = _with_tokenizer(tiny_models["llama"], tmp_path / "m")
+    text = " ".join(f"w{i % 60}" for i in range(400))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/a.txt").write_text(text)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": text}) + "\n")
+    for calib, extra in [(tmp_path / "data", {}), (tmp_path / "c.jsonl", {"text_field": "body"})]:
+        out = kvconvert.convert(
+            str(model),
+            str(tmp_path / f"out-{calib.name}"),
+            kv_heads=2,
+            calibration=str(calib),
+            num_samples=4,
+            seq_len=32,
+            progress=False,
+            **extra,
+        )
+        rep = json.loads((out / "kvconvert.json").read_text())
+        assert rep["calibration"]["sequences"] == 4 and rep["calibration"]["seq_len"] == 32
+        assert (out / "tokenizer.json").is_file()
+
+
+def test_missing_field_is_named(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(KVConvertError, match="row 1 has neither a 'text' string"):
+        load_documents(str(f))
+
+
+def test_too_little_data(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"input_ids": [1, 2, 3]}) + "\n")
+    with pytest.raises(KVConvertError, match="only 3 tokens"):
+        tokenize_documents(load_documents(str(f)), None, 4, 8, 0)
+
+
+def test_hub_dataset_is_fetched_through_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    repo = tmp_path / "ds"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data/train.jsonl").write_text(json.dumps({"input_ids": list(range(50))}) + "\n")
+    (repo / "data/test.jsonl").write_text(json.dumps({"input_ids": [7] * 50}) + "\n")
+    seen = {}
+
+    def fake(repo_id, repo_type=None, allow_patterns=None, **kw):
+        seen.update(repo_id=repo_id, repo_type=repo_type)
+        return str(repo)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    docs = load_documents("someorg/calib-data")
+    assert seen == {"repo_id": "someorg/calib-data", "repo_type": "dataset"}
+    assert docs == [list(range(50))]  # the train split only
+
+
+def test_self_sampling_is_seeded_and_full_length(tiny_models):
+    m = load(tiny_models["mistral"])
+    a = sample_from_model(m, 1, num_samples=3, seq_len=20, batch_size=2, seed=7)
+    b = sample_from_model(m, 1, num_samples=3, seq_len=20, batch_size=2, seed=7)
+    c = sample_from_model(m, 1, num_samples=3, seq_len=20, batch_size=2, seed=8)
+    assert a.shape == (3, 20) and (a[:, 0] == 1).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)

@@ -1,0 +1,147 @@
+"""Bad input gives one clear line and a non-zero exit, and never leaves an output behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from kvconvert.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [*args, "--quiet"])
+
+
+def test_unknown_local_path(tmp_path):
+    r = run(str(tmp_path / "missing"), "--kv-heads", "2", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_hub_unreachable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    r = run("someorg/not-cached-model", "--kv-heads", "2", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "cannot reach the Hugging Face Hub" in r.output
+
+
+def test_unsupported_model_type(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    r = run(str(tmp_path / "gpt2"), "--kv-heads", "1", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1
+    assert "'gpt2' is not supported" in r.output and "llama, mistral, qwen2" in r.output
+
+
+def test_kv_heads_not_dividing(tiny_models, tmp_path):
+    r = run(str(tiny_models["llama"]), "--kv-heads", "3", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "--kv-heads 3 must divide the model's 4 KV heads" in r.output
+    assert "1, 2, 4" in r.output and not (tmp_path / "o").exists()
+
+
+def test_missing_kv_heads(tiny_models, tmp_path):
+    r = run(str(tiny_models["llama"]), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "needs --kv-heads" in r.output
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights(tiny_models, tmp_path, damage):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], src)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
+    r = run(str(src), "--kv-heads", "2", "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "corrupt" in r.output and "model.safetensors" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_refused_then_overwritten(tiny_models, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = [
+        str(tiny_models["llama"]),
+        "--kv-heads",
+        "2",
+        "-o",
+        str(out),
+        "--num-samples",
+        "2",
+        "--seq-len",
+        "16",
+    ]
+    r = run(*args)
+    assert r.exit_code == 1 and "already exists" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+    r = run(*args, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (out / "keep.txt").exists()
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+
+
+def test_failure_leaves_no_partial_output(tiny_models, tmp_path, monkeypatch):
+    import kvconvert.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(pipeline, "copy_side_files", boom)
+    with pytest.raises(RuntimeError):
+        pipeline.convert(
+            pipeline.Recipe(
+                model=str(tiny_models["llama"]),
+                output=str(tmp_path / "o"),
+                kv_heads=2,
+                num_samples=2,
+                seq_len=16,
+            ),
+            progress=False,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_calibration_source(tiny_models, tmp_path):
+    r = run(
+        str(tiny_models["llama"]),
+        "--kv-heads",
+        "2",
+        "-o",
+        str(tmp_path / "o"),
+        "--calibration",
+        "./nowhere.jsonl",
+    )
+    assert r.exit_code == 1 and "calibration source './nowhere.jsonl' not found" in r.output
+
+
+def test_text_calibration_without_tokenizer(tiny_models, tmp_path):
+    (tmp_path / "c.txt").write_text("once upon a time " * 50)
+    r = run(
+        str(tiny_models["llama"]),
+        "--kv-heads",
+        "2",
+        "-o",
+        str(tmp_path / "o"),
+        "--calibration",
+        str(tmp_path / "c.txt"),
+    )
+    assert r.exit_code == 1 and "needs a tokenizer" in r.output
+
+
+def test_default_command_and_explicit_convert_agree(tiny_models, tmp_path):
+    common = ["--kv-heads", "2", "--num-samples", "2", "--seq-len", "16", "--quiet"]
+    a = CliRunner().invoke(main, [str(tiny_models["llama"]), "-o", str(tmp_path / "a"), *common])
+    b = CliRunner().invoke(
+        main, ["convert", str(tiny_models["llama"]), "-o", str(tmp_path / "b"), *common]
+    )
+    assert a.exit_code == b.exit_code == 0, a.output + b.output
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (
+        tmp_path / "b/model.safetensors"
+    ).read_bytes()
