@@ -4,6 +4,8 @@ Python API::
 
     import kvconvert
     kvconvert.convert("org/model", "out/", kv_heads=8)            # options as in the CLI
+    kvconvert.convert(None, "out2/", recipe="out/recipe.yaml")    # re-run a recorded recipe
+    kvconvert.push("out/", "user/model-kv8")                      # upload to the Hub
 """
 
 from __future__ import annotations
@@ -14,18 +16,39 @@ from typing import Any
 from .errors import KVConvertError
 from .recipe import Recipe
 
-__all__ = ["KVConvertError", "Recipe", "convert"]
+__all__ = ["KVConvertError", "Recipe", "convert", "push"]
 __version__ = "0.1.0"
 
 
-def convert(model: str, output: str, *, progress: bool = True, **options: Any) -> Path:
+def convert(
+    model: str | None,
+    output: str,
+    *,
+    recipe: str | Path | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Path:
     """Convert ``model`` (folder or Hub id) into ``output``; options are Recipe fields.
 
+    ``recipe`` is a YAML recipe file (e.g. an output's ``recipe.yaml``): its values are used
+    where ``options`` do not say otherwise, and ``model=None`` takes the recipe's model.
     Returns the output folder. Raises :class:`KVConvertError` on bad input.
     """
     from .pipeline import convert as _convert
+    from .recipe import load_recipe_file
 
     unknown = set(options) - set(Recipe.field_names())
     if unknown:
         raise KVConvertError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    return _convert(Recipe(model=model, output=output, **options), progress=progress)
+    values = load_recipe_file(recipe) if recipe else {}
+    values.update(options)
+    if model is not None:
+        values["model"] = model
+    return _convert(Recipe(**{**values, "output": output}), progress=progress)
+
+
+def push(folder: str | Path, repo_id: str, **kwargs: Any) -> str:
+    """Upload a finished output folder to the Hub; see :func:`kvconvert.hub.push`."""
+    from .hub import push as _push
+
+    return _push(folder, repo_id, **kwargs)

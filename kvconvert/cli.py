@@ -1,7 +1,7 @@
 """Command line: thin Click wrappers that turn flags into a Recipe and call the Python API.
 
 ``kvconvert MODEL --target gqa --kv-heads N -o OUT`` is the ``convert`` command; naming it is
-optional, so other verbs (``demo``, and later ``eval``, ``heal``, ``push``) live beside it.
+optional, so other verbs (``demo``, ``push``, and later ``eval``, ``heal``) live beside it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import fields
 import click
 
 from .errors import KVConvertError
-from .recipe import Recipe
+from .recipe import LOCAL_ONLY, Recipe, load_recipe_file
 
 
 class DefaultToConvert(click.Group):
@@ -31,6 +31,8 @@ def main() -> None:
 
     \b
     kvconvert MODEL --target gqa --kv-heads N -o OUT    (same as: kvconvert convert ...)
+    kvconvert --recipe FILE.yaml -o OUT                 a conversion from a recipe file
+    kvconvert push OUT user/name                        upload an output to the Hub
     kvconvert demo -o DIR                               offline end-to-end demo
     """
 
@@ -39,13 +41,17 @@ def recipe_options(func):  # noqa: ANN001, ANN201 - decorator
     """Add one Click option per Recipe field (the Recipe is the single source of options)."""
     for f in reversed(fields(Recipe)):
         meta = f.metadata
-        if meta.get("cli") == "argument":
-            func = click.argument(f.name)(func)
+        if meta.get("cli") == "argument":  # optional on the command line: a recipe can give it
+            func = click.argument(f.name, required=False)(func)
             continue
-        decls = [f"--{f.name.replace('_', '-')}"] + ([meta["short"]] if "short" in meta else [])
+        flag = f"--{f.name.replace('_', '-')}"
+        decls = [flag] + ([meta["short"]] if "short" in meta else [])
         kwargs: dict = {"help": meta["help"], "required": meta.get("required", False)}
         if f.default is False:
             kwargs["is_flag"] = True
+            if f.name not in LOCAL_ONLY and meta.get("in_recipe", True):
+                # a recipe may say true: the command line must be able to say false
+                decls[0] = f"{flag}/--no-{flag[2:]}"
         else:
             kwargs["default"] = f.default
             kwargs["show_default"] = f.default is not None
@@ -59,15 +65,109 @@ def recipe_options(func):  # noqa: ANN001, ANN201 - decorator
 
 @main.command("convert")
 @recipe_options
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(dir_okay=False),
+    help="YAML recipe holding options above (all but -o, --overwrite, --trust-remote-code), "
+    "e.g. an output's recipe.yaml; flags given on the command line override its values.",
+)
+@click.option(
+    "--push-to-hub", metavar="USER/NAME", help="Upload the finished output to this Hub repo."
+)
+@click.option("--private", is_flag=True, help="Create the Hub repo private (with --push-to-hub).")
+@click.option(
+    "--hub-revision", metavar="BRANCH", help="Hub branch to push to (with --push-to-hub)."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def convert_cmd(quiet: bool, **options: object) -> None:
+@click.pass_context
+def convert_cmd(
+    ctx: click.Context,
+    quiet: bool,
+    recipe_file: str | None,
+    push_to_hub: str | None,
+    private: bool,
+    hub_revision: str | None,
+    **options: object,
+) -> None:
     """Convert MODEL (a local folder or a Hub id) and write the result to --output."""
     from .pipeline import command_line, convert
 
-    recipe = Recipe(**options)  # type: ignore[arg-type]
+    if (private or hub_revision) and not push_to_hub:
+        raise click.UsageError("--private and --hub-revision need --push-to-hub")
+    recipe = _run(lambda: merged_recipe(ctx, options, recipe_file))
+    if recipe.model is None:
+        raise click.UsageError("missing MODEL (give it on the command line or in --recipe)")
+    if push_to_hub:
+        from .hub import check_push_target
+
+        _run(lambda: check_push_target(push_to_hub, hub_revision))
     out = _run(lambda: convert(recipe, progress=not quiet, command=command_line()))
     if not quiet:
         click.echo(f"wrote {out}", err=True)
+    if push_to_hub:
+        from .hub import push
+
+        url = _run(
+            lambda: push(
+                out, push_to_hub, private=private, revision=hub_revision, progress=not quiet
+            )
+        )
+        click.echo(f"pushed to {url}", err=True)
+
+
+def merged_recipe(ctx: click.Context, options: dict, recipe_file: str | None) -> Recipe:
+    """Recipe defaults, then the recipe file's values, then the flags actually given.
+
+    A flag left at its default does not override the file: click's ParameterSource tells a
+    typed ``--seed 0`` (overrides) from an untouched default (does not).
+    """
+    values = dict(options)
+    if recipe_file:
+        given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+        for key, value in load_recipe_file(recipe_file).items():
+            if ctx.get_parameter_source(key) not in given:
+                values[key] = value
+    return Recipe(**values)  # type: ignore[arg-type]
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("repo_id", metavar="USER/NAME")
+@click.option(
+    "--private",
+    is_flag=True,
+    help="Create the repo private (an existing repo keeps its visibility).",
+)
+@click.option("--hub-revision", metavar="BRANCH", help="Branch to push to (created if missing).")
+@click.option("-m", "--message", help="Commit message.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def push_cmd(
+    folder: str,
+    repo_id: str,
+    private: bool,
+    hub_revision: str | None,
+    message: str | None,
+    quiet: bool,
+) -> None:
+    """Upload a finished output FOLDER to the Hub repo USER/NAME (created if missing).
+
+    The token comes from HF_TOKEN or `hf auth login`. Re-running after a failure resumes:
+    files already on the Hub are not sent again.
+    """
+    from .hub import push
+
+    url = _run(
+        lambda: push(
+            folder,
+            repo_id,
+            private=private,
+            revision=hub_revision,
+            commit_message=message,
+            progress=not quiet,
+        )
+    )
+    click.echo(f"pushed to {url}")
 
 
 @main.command("demo")

@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -328,9 +329,34 @@ def _convert(
             },
         }
         write_json(work / "kvconvert.json", rep)
-        base = recipe.model if not Path(recipe.model).expanduser().exists() else None
-        (work / "README.md").write_text(report_mod.model_card(rep, base))
+        write_recipe_and_card(work, recipe, rep, src.folder, config)
     return output
+
+
+def write_recipe_and_card(
+    work: Path, recipe: Recipe, report: dict[str, Any], source: Path, config: dict[str, Any]
+) -> None:
+    """``recipe.yaml`` (the effective recipe, re-runnable with --recipe) and ``README.md``."""
+    from .recipe import recipe_to_yaml
+
+    hub_source = not Path(recipe.model).expanduser().exists()
+    pinned = recipe
+    if hub_source and recipe.revision is None and source.parent.name == "snapshots":
+        pinned = replace(recipe, revision=source.name)  # the exact Hub commit converted
+    header = (
+        f"kvconvert recipe: {report['command']}\n"
+        "Re-run: kvconvert --recipe recipe.yaml -o OUT   (flags given override these values)"
+    )
+    text = recipe_to_yaml(pinned, header=header)
+    (work / "recipe.yaml").write_text(text)
+    card = report_mod.model_card(
+        report,
+        recipe.model if hub_source else None,
+        source_card=report_mod.source_card_metadata(source),
+        remote_code="auto_map" in config,
+        recipe_yaml=text,
+    )
+    (work / "README.md").write_text(card)
 
 
 def command_line() -> str:

@@ -1,13 +1,17 @@
 """The Recipe: every conversion option in one validated object.
 
 The CLI parses flags into a Recipe, the Python API takes the same fields as keyword
-arguments, and the effective recipe is recorded in the output's ``kvconvert.json``.
+arguments, and the effective recipe is recorded in the output's ``kvconvert.json`` and, as a
+YAML recipe file that ``--recipe`` reads back, in its ``recipe.yaml``.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import KVConvertError
 from .gqa.grouping import GROUPINGS
@@ -133,3 +137,126 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise KVConvertError(f"max_shard_size: must be positive, got {text!r}")
     return int(value)
+
+
+# --- recipe files (YAML) --------------------------------------------------------------------
+#: Fields that say where to write and what this machine may do, not what to compute: never
+#: written to a recipe file and refused when read from one (a downloaded recipe must not turn
+#: on remote code or overwrite a folder). Fields opt out too with option(..., in_recipe=False).
+LOCAL_ONLY = ("output", "overwrite", "trust_remote_code")
+
+
+def recipe_keys() -> list[str]:
+    """The Recipe fields a recipe file may hold, in declaration order."""
+    return [
+        f.name
+        for f in fields(Recipe)
+        if f.name not in LOCAL_ONLY and f.metadata.get("in_recipe", True)
+    ]
+
+
+def recipe_to_yaml(recipe: Recipe, header: str | None = None) -> str:
+    """The recipe as YAML: every recipe key with its effective value, in field order."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):  # one key per line; lists (e.g. per-layer values) inline
+        pass
+
+    Dumper.add_representer(
+        list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+    )
+    data = {k: getattr(recipe, k) for k in recipe_keys()}
+    text = yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=100)
+    if header:
+        text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text
+    return text
+
+
+def load_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file into {field: value}, checking every key and value's type.
+
+    Keys may be written with underscores or dashes (``kv_heads`` or ``kv-heads``). Values are
+    checked against the field types here; allowed values and cross-field rules are checked by
+    ``Recipe.validate`` once command-line flags have been applied.
+    """
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise KVConvertError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise KVConvertError(f"recipe {path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KVConvertError(f"recipe {path}: expected a mapping of option: value at the top level")
+    return recipe_values(data, where=f"recipe {path}")
+
+
+def recipe_values(data: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
+    """Check a mapping of recipe keys -> values; return it with canonical keys and types."""
+    hints = get_type_hints(Recipe)
+    allowed = recipe_keys()
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in allowed:
+            if key in Recipe.field_names():
+                flag = "--" + key.replace("_", "-")
+                raise KVConvertError(
+                    f"{where}: key {raw_key!r} cannot be set from a recipe file; "
+                    f"give {flag} on the command line"
+                )
+            near = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise KVConvertError(f"{where}: unknown key {raw_key!r}{hint}")
+        if key in out:
+            raise KVConvertError(f"{where}: key {raw_key!r} given twice")
+        out[key] = _check_type(value, hints[key], f"{where}: {key}")
+        choices = Recipe.__dataclass_fields__[key].metadata.get("choices")
+        if choices and out[key] not in choices:
+            raise KVConvertError(f"{where}: {key}: {out[key]!r} is not one of {', '.join(choices)}")
+    return out
+
+
+def _check_type(value: Any, tp: Any, what: str) -> Any:
+    """``value`` as type ``tp`` (a Recipe field annotation), or a KVConvertError naming the key."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, what)
+            except KVConvertError as e:
+                errors.append(str(e).rsplit(": ", 1)[-1])
+        raise KVConvertError(f"{what}: {' or '.join(errors)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise KVConvertError(f"{what}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_check_type(v, item, f"{what}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise KVConvertError(f"{what}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise KVConvertError(f"{what}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KVConvertError(f"{what}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KVConvertError(f"{what}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise KVConvertError(f"{what}: expected a string, got {value!r}")
+        return str(value)  # YAML reads e.g. a numeric revision as a number
+    return value

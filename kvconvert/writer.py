@@ -25,6 +25,7 @@ SKIP_NAMES = {
     "config.json",
     "README.md",
     "kvconvert.json",
+    "recipe.yaml",
     ".gitattributes",
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
