@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,53 +26,190 @@ def kv_bytes_per_token(kv_heads_per_layer: list[int], head_dim: int, dtype: torc
     return 2 * sum(kv_heads_per_layer) * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def model_card(report: dict[str, Any], base_model: str | None) -> str:
-    """README.md for the output: Hub metadata (base_model, tags) and what was done."""
+#: Front-matter keys carried over from the source's model card (licence terms bind the output).
+CARRIED_KEYS = ("license", "license_name", "license_link", "extra_gated_prompt", "language")
+METHOD_NAMES = {"gqa": "KV-head merging", "pod": "PoD layer key sharing"}
+
+
+def source_card_metadata(folder: Path) -> dict[str, Any]:
+    """The YAML front matter of the source's README.md ({} when absent or unreadable)."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        from huggingface_hub.repocard import metadata_load
+
+        return metadata_load(readme) or {}
+    except Exception:  # noqa: BLE001 - a broken source card must not stop a conversion
+        return {}
+
+
+def model_card(
+    report: dict[str, Any],
+    base_model: str | None,
+    *,
+    source_card: dict[str, Any] | None = None,
+    remote_code: bool = False,
+    recipe_yaml: str | None = None,
+) -> str:
+    """README.md for the output: Hub metadata, what was done, fidelity, how to load, how to redo.
+
+    ``source_card`` is the source README's front matter (its licence is carried over);
+    ``remote_code`` says whether the output needs ``trust_remote_code=True``.
+    """
     from huggingface_hub import ModelCardData
 
-    src, tgt, kvb = report["source"], report["target"], report["kv_bytes_per_token"]
+    src, tgt = report["source"], report["target"]
+    kind = tgt.get("kind", report["recipe"].get("target", "gqa"))
+    carried = {k: v for k, v in (source_card or {}).items() if k in CARRIED_KEYS and v}
     data = ModelCardData(
         base_model=base_model,
         base_model_relation="finetune" if base_model else None,
         library_name="transformers",
-        tags=["kvconvert", report["recipe"]["target"]],
+        pipeline_tag="text-generation",
+        tags=["kvconvert", kind],
+        **carried,
     )
-    saving = 1 - kvb["after"] / kvb["before"] if kvb["before"] else 0.0
+    name = src["model"].rstrip("/").split("/")[-1]
+    origin = (
+        f"[`{base_model}`](https://huggingface.co/{base_model})"
+        if base_model
+        else (f"`{src['model']}`")
+    )
     lines = [
         "---",
         data.to_yaml(),
         "---",
         "",
-        f"# {src['model'].rstrip('/').split('/')[-1]} with {tgt['num_key_value_heads']} KV heads",
+        f"# {name}: {_headline(kind, src, tgt)}",
         "",
-        f"Converted from `{src['model']}` by [kvconvert](https://github.com/) "
-        f"{report['versions'].get('kvconvert', '')}: KV-head merging from "
-        f"{src['num_key_value_heads']} to {tgt['num_key_value_heads']} KV heads per layer "
-        f"(method `{report['recipe']['method']}`, RoPE keys `{report['recipe']['rope_keys']}`, "
-        f"objective `{report['recipe']['objective']}`, grouping `{report['recipe']['grouping']}`).",
+        f"Converted from {origin} by kvconvert "
+        f"{report.get('versions', {}).get('kvconvert', '')} to shrink the KV cache.",
         "",
-        f"- KV cache per token: {kvb['before']} bytes -> {kvb['after']} bytes "
-        f"({saving:.0%} smaller)",
-        f"- Calibration: {report['calibration']['source']}, "
-        f"{report['calibration']['sequences']} x {report['calibration']['seq_len']} tokens",
-        "- Per-layer relative reconstruction error (keys / values): "
-        + ", ".join(
-            f"L{r['layer']} {r['key_error']:.3f}/{r['value_error']:.3f}" for r in report["layers"]
-        ),
+        "## What was done",
         "",
-        "This is an ordinary grouped-query-attention checkpoint of the original architecture; "
-        "it loads with the stock classes, no remote code:",
+        *_what_was_done(report, kind),
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("path/or/repo")',
-        "```",
+        "## Fidelity",
         "",
-        "Reproduce with:",
+        *_fidelity(report),
         "",
-        "```",
+        "## How to load",
+        "",
+        *_how_to_load(remote_code),
+        "",
+        "## Reproduce",
+        "",
+        "The command that produced this folder:",
+        "",
+        "```bash",
         report["command"],
         "```",
-        "",
     ]
+    if recipe_yaml:
+        lines += [
+            "",
+            "The full recipe (`recipe.yaml` in this folder); `kvconvert --recipe recipe.yaml "
+            "-o OUT` reproduces these weights byte for byte from the same source:",
+            "",
+            "```yaml",
+            recipe_yaml.rstrip(),
+            "```",
+        ]
+    lines += ["", "Per-layer details (groups, errors, timings) are in `kvconvert.json`.", ""]
     return "\n".join(lines)
+
+
+def _heads(value: Any) -> str:
+    if isinstance(value, list):
+        return "/".join(map(str, value)) if len(set(value)) > 1 else str(value[0])
+    return str(value)
+
+
+def _headline(kind: str, src: dict[str, Any], tgt: dict[str, Any]) -> str:
+    if kind == "gqa" and "num_key_value_heads" in tgt:
+        return f"{_heads(tgt['num_key_value_heads'])} KV heads (from {src['num_key_value_heads']})"
+    return METHOD_NAMES.get(kind, kind)
+
+
+def _what_was_done(report: dict[str, Any], kind: str) -> list[str]:
+    src, tgt, recipe = report["source"], report["target"], report["recipe"]
+    out = [f"- Method: {METHOD_NAMES.get(kind, kind)} (`--target {kind}`)."]
+    if kind == "gqa" and "num_key_value_heads" in tgt:
+        out.append(
+            f"- KV heads per layer: {src['num_key_value_heads']} -> "
+            f"{_heads(tgt['num_key_value_heads'])} (of {src['num_attention_heads']} query heads, "
+            f"{src['num_layers']} layers); merge `{recipe.get('method')}`, RoPE keys "
+            f"`{recipe.get('rope_keys')}`, objective `{recipe.get('objective')}`, grouping "
+            f"`{recipe.get('grouping')}`."
+        )
+    for key, value in tgt.items():
+        if key not in ("kind", "num_key_value_heads") and not isinstance(value, (dict, list)):
+            out.append(f"- {key.replace('_', ' ')}: `{value}`")
+    kvb = report.get("kv_bytes_per_token")
+    if kvb and kvb.get("before"):
+        saving = 1 - kvb["after"] / kvb["before"]
+        out.append(
+            f"- KV cache per token ({kvb.get('dtype', '')}): {kvb['before']:,} bytes -> "
+            f"{kvb['after']:,} bytes ({saving:.0%} smaller)."
+        )
+    cal = report.get("calibration")
+    if cal:
+        size = f", {cal['sequences']} x {cal['seq_len']} tokens" if cal.get("sequences") else ""
+        out.append(f"- Calibration: {cal['source']}{size}.")
+    layers = [r for r in report.get("layers", []) if "key_error" in r]
+    if layers:
+        k = [r["key_error"] for r in layers]
+        v = [r["value_error"] for r in layers]
+        out.append(
+            "- Relative reconstruction error (0 = exact): keys mean "
+            f"{sum(k) / len(k):.3f}, worst {max(k):.3f}; values mean {sum(v) / len(v):.3f}, "
+            f"worst {max(v):.3f}."
+        )
+    return out
+
+
+def _fidelity(report: dict[str, Any]) -> list[str]:
+    """The measured fidelity, if the report carries one (``fidelity`` / ``evaluation``)."""
+    measured = report.get("fidelity") or report.get("evaluation")
+    if not isinstance(measured, dict) or not measured:
+        return [
+            "No fidelity measurement was recorded with this conversion. Merging KV heads costs "
+            "quality: measure KL and perplexity against the original on your own data before "
+            "deploying."
+        ]
+    rows = ["| measure | value |", "|---|---|"]
+    for key, value in measured.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, (dict, list)):
+            continue
+        rows.append(f"| {key.replace('_', ' ')} | {value} |")
+    return ["Measured at conversion time (details in `kvconvert.json`):", "", *rows]
+
+
+def _how_to_load(remote_code: bool) -> list[str]:
+    if remote_code:
+        intro = (
+            "This checkpoint ships its own modeling code (`auto_map` in `config.json`); load it "
+            "with `trust_remote_code=True` (transformers 5):"
+        )
+        arg = ", trust_remote_code=True"
+    else:
+        intro = (
+            "An ordinary grouped-query-attention checkpoint of the source architecture: the stock "
+            "transformers classes, vLLM, TGI and other GQA-aware stacks load it as-is, no remote "
+            "code:"
+        )
+        arg = ""
+    return [
+        intro,
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'repo = "this-repo-id-or-folder"',
+        f"model = AutoModelForCausalLM.from_pretrained(repo{arg})",
+        "tokenizer = AutoTokenizer.from_pretrained(repo)  # when the source had one",
+        "```",
+    ]

@@ -28,6 +28,9 @@ HUB_PATTERNS = [
     "*.tiktoken",
     "*.txt",
     "*.jinja",
+    "README.md",  # its front matter carries the licence into the output's card
+    "LICENSE*",
+    "USE_POLICY.md",
 ]
 HUB_IGNORE = ["original/*", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.ot", "*.pth"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

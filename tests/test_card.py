@@ -1,0 +1,89 @@
+"""The model card: Hub front matter (base model, licence from the source), body, load snippet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import yaml
+
+import kvconvert
+from kvconvert.report import model_card
+
+SOURCE_CARD = """---
+license: other
+license_name: llama3
+license_link: LICENSE
+language: [en]
+tags: [facebook]
+---
+# The source model
+"""
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_card_carries_licence_and_says_what_was_done(tiny_models, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["mistral"], src)
+    (src / "README.md").write_text(SOURCE_CARD)
+    (src / "LICENSE").write_text("the licence text")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(src))
+    out = kvconvert.convert(
+        "org/tiny-mistral", str(tmp_path / "o"), kv_heads=2, method="mean", progress=False
+    )
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == "org/tiny-mistral" and meta["base_model_relation"] == "finetune"
+    assert meta["library_name"] == "transformers" and meta["tags"] == ["kvconvert", "gqa"]
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == (
+        "other",
+        "llama3",
+        "LICENSE",
+    )
+    assert meta["language"] == ["en"] and "facebook" not in meta["tags"]
+    assert (out / "LICENSE").read_text() == "the licence text"
+    report = json.loads((out / "kvconvert.json").read_text())
+    kvb = report["kv_bytes_per_token"]
+    assert f"{kvb['before']:,} bytes -> {kvb['after']:,} bytes (50% smaller)" in card
+    assert "KV heads per layer: 4 -> 2" in card and "merge `mean`" in card
+    assert "No fidelity measurement" in card and "trust_remote_code" not in card
+    assert report["command"] in card and (out / "recipe.yaml").read_text().strip() in card
+
+
+def fake_report(**extra) -> dict:
+    return {
+        "command": "kvconvert org/m --kv-heads 2 -o out",
+        "recipe": {
+            "target": "gqa",
+            "method": "svd",
+            "rope_keys": "complex",
+            "objective": "output",
+            "grouping": "adjacent",
+        },
+        "versions": {"kvconvert": "0.1.0"},
+        "source": {
+            "model": "org/m",
+            "num_key_value_heads": 8,
+            "num_attention_heads": 32,
+            "num_layers": 2,
+        },
+        "target": {"kind": "gqa", "num_key_value_heads": [4, 2]},
+        "kv_bytes_per_token": {"before": 8192, "after": 3072, "dtype": "bfloat16"},
+        "layers": [],
+        **extra,
+    }
+
+
+def test_card_shows_recorded_fidelity_per_layer_heads_and_remote_code():
+    report = fake_report(fidelity={"kl_nats_per_token": 0.01234, "ppl_before": 5.5, "n": 16})
+    card = model_card(report, "org/m", remote_code=True)
+    assert "| kl nats per token | 0.01234 |" in card and "| ppl before | 5.5 |" in card
+    assert "4/2 KV heads (from 8)" in card and "8,192 bytes -> 3,072 bytes (62% smaller)" in card
+    assert "from_pretrained(repo, trust_remote_code=True)" in card and "auto_map" in card
+    assert "license" not in front_matter(card)  # nothing to carry: no licence invented
