@@ -29,7 +29,8 @@ def front_matter(card: str) -> dict:
 def test_card_carries_licence_and_says_what_was_done(tiny_models, tmp_path, monkeypatch):
     import huggingface_hub
 
-    src = tmp_path / "src"
+    commit = "0123456789abcdef0123456789abcdef01234567"  # the Hub cache's snapshot layout
+    src = tmp_path / "models--org--tiny-mistral" / "snapshots" / commit
     shutil.copytree(tiny_models["mistral"], src)
     (src / "README.md").write_text(SOURCE_CARD)
     (src / "LICENSE").write_text("the licence text")
@@ -54,6 +55,8 @@ def test_card_carries_licence_and_says_what_was_done(tiny_models, tmp_path, monk
     assert "KV heads per layer: 4 -> 2" in card and "merge `mean`" in card
     assert "No fidelity measurement" in card and "trust_remote_code" not in card
     assert report["command"] in card and (out / "recipe.yaml").read_text().strip() in card
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["model"] == "org/tiny-mistral" and recipe["revision"] == commit  # pinned
 
 
 def fake_report(**extra) -> dict:
