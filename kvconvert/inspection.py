@@ -76,8 +76,13 @@ def inspect_model(model: str, revision: str | None = None) -> dict[str, Any]:
         info["supported_model_types"] = supported_model_types()
         return info
     c = adapter
-    heads, kv, d = c.num_heads(config), c.num_kv_heads(config), c.head_dim(config)
-    layers, rotary = c.num_layers(config), c.rotary_dim(config)
+    try:
+        heads, kv, d = c.num_heads(config), c.num_kv_heads(config), c.head_dim(config)
+        layers, rotary = c.num_layers(config), c.rotary_dim(config)
+    except KeyError as e:
+        raise KVConvertError(f"{model}: config.json lacks {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise KVConvertError(f"{model}: config.json has an invalid head layout: {e}") from None
     k_name = c.tensor_name(0, "k")
     dtype = headers.get(k_name, {}).get("dtype") or config.get("dtype") or config.get("torch_dtype")
     elem = DTYPE_BYTES.get(str(dtype), 4)  # unknown: assume float32

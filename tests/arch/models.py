@@ -68,3 +68,38 @@ def build(kind: str, folder: Path) -> Path:
                     p.normal_(0, 0.3)
     model.save_pretrained(folder)
     return folder
+
+
+def fold_identity_in_place(model: torch.nn.Module, model_type: str, method: str) -> None:
+    """Merge every layer of a loaded model at identity (--kv-heads = its own count) through
+    the adapter's split / merge_layer / join, and load the result back into ``model``.
+
+    The weight-level path for architectures whose converted output needs kvconvert's modeling
+    code: the stock class can still run an identity fold, which must not change the logits.
+    """
+    from kvconvert.arch import get_adapter
+    from kvconvert.calibration.stats import StatsCollector
+    from kvconvert.gqa.fold import AttentionWeights
+    from kvconvert.gqa.layer import LayerShape, merge_layer, to_float64
+    from tests.conftest import token_ids
+
+    cfg = model.config.to_dict()
+    a = get_adapter(model_type)
+    h, kv, d = a.num_heads(cfg), a.num_kv_heads(cfg), a.head_dim(cfg)
+    stats = None
+    if method == "svd":
+        with torch.inference_mode(), StatsCollector(model, a, cfg) as col:
+            model(input_ids=token_ids(4, 32, seed=3), use_cache=False)
+        stats = col.result()
+    shape = LayerShape(h, kv, d, a.rope_pairs(cfg))
+    sd = model.state_dict()
+    new_sd = {}
+    for i in range(a.num_layers(cfg)):
+        names = a.layer_tensor_names(i)
+        w = AttentionWeights.from_items(a.split({r: sd.get(n) for r, n in names.items()}, h, d))
+        res = merge_layer(to_float64(w, "cpu"), stats[i] if stats else None, shape, kv, method)
+        assert not torch.equal(res.weights.wk, w.wk.double())  # a real change of basis
+        for role, t in a.join(res.weights.items(), d).items():
+            if t is not None and names.get(role) in sd:
+                new_sd[names[role]] = t.to(sd[names[role]].dtype)
+    model.load_state_dict(new_sd, strict=False)

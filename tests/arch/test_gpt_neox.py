@@ -7,17 +7,17 @@ the fused activation, and the identity fold through merge_layer into a stock mod
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import pytest
 import torch
 
 import kvconvert
 from kvconvert.arch import get_adapter, supported_model_types
 from kvconvert.arch.base import fuse_qkv, split_qkv
-from kvconvert.calibration.stats import StatsCollector
 from kvconvert.errors import KVConvertError
-from kvconvert.gqa.fold import AttentionWeights
-from kvconvert.gqa.layer import LayerShape, merge_layer, to_float64
 from kvconvert.inspection import inspect_model
+from tests.arch.models import fold_identity_in_place
 from tests.conftest import FAST, token_ids
 
 
@@ -75,34 +75,14 @@ def test_per_head_layout_matches_transformers(neox):
 @pytest.mark.parametrize("method", ["svd", "svd-weights"])
 def test_identity_fold_reproduces_stock_logits(neox, method):
     model, _ = neox
-    cfg = model.config.to_dict()
-    a = get_adapter("gpt_neox")
-    assert a.rope_pairs(cfg) == [(0, 2), (1, 3)]  # rotary dims 4 of 16
-    tokens = token_ids(4, 32, seed=3)
-    stats = None
-    if method == "svd":
-        with torch.inference_mode(), StatsCollector(model, a, cfg) as col:
-            model(input_ids=tokens, use_cache=False)
-        stats = col.result()
-    shape = LayerShape(4, 4, 16, a.rope_pairs(cfg))
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    for i in range(2):
-        names = a.layer_tensor_names(i)
-        w = AttentionWeights.from_items(a.split({r: sd.get(n) for r, n in names.items()}, 4, 16))
-        res = merge_layer(to_float64(w, "cpu"), stats[i] if stats else None, shape, 4, method)
-        assert not torch.equal(res.weights.wk, w.wk.double())  # a real change of basis
-        for role, t in a.join(res.weights.items(), 16).items():
-            if t is not None and names.get(role) in sd:
-                sd[names[role]] = t.float()
+    assert get_adapter("gpt_neox").rope_pairs(model.config.to_dict()) == [(0, 2), (1, 3)]
     ids = token_ids(2, 40)
+    folded = deepcopy(model)
+    fold_identity_in_place(folded, "gpt_neox", method)
     with torch.inference_mode():
-        ref = model(input_ids=ids).logits
-        from copy import deepcopy
-
-        folded = deepcopy(model)
-        folded.load_state_dict(sd)
-        got = folded(input_ids=ids).logits
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            folded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_convert_refuses_with_clear_error(neox, tmp_path):

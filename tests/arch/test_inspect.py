@@ -46,9 +46,15 @@ def test_cli_supported_and_unsupported(arch_models, tmp_path):
     assert ok.exit_code == 0 and "supported (gemma2" in ok.output and "head_dim 24" in ok.output
     as_json = runner.invoke(main, ["inspect", str(arch_models["gemma2"]), "--json"])
     assert json.loads(as_json.output)["targets"] == {"gqa": "stock"}
-    bad = tmp_path / "neox"
+    bad = tmp_path / "gpt2"
     bad.mkdir()
-    (bad / "config.json").write_text('{"model_type": "gpt_neox"}')
+    (bad / "config.json").write_text('{"model_type": "gpt2"}')
     res = runner.invoke(main, ["inspect", str(bad)])
     assert res.exit_code == 1
-    assert "'gpt_neox' is not supported" in res.output and "qwen3" in res.output
+    assert "'gpt2' is not supported" in res.output and "qwen3" in res.output
+    assert "gpt_neox" not in res.output  # recognised layouts without a target are not listed
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "qwen3"}')
+    res = runner.invoke(main, ["inspect", str(broken)])
+    assert res.exit_code == 1 and "config.json lacks 'num_attention_heads'" in res.output
