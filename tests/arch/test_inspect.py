@@ -8,6 +8,7 @@ import struct
 
 from click.testing import CliRunner
 
+import kvconvert
 from kvconvert.cli import main
 from kvconvert.evaluate import kv_cache_bytes
 from kvconvert.inspection import inspect_model
@@ -38,6 +39,7 @@ def test_reads_headers_only(arch_models, tmp_path):
     (dst / "model.safetensors").write_bytes(raw[: 8 + n])
     info = inspect_model(str(dst))
     assert info["head_dim"] == 32 and info["weights_found"]
+    assert kvconvert.inspect_model(str(dst)) == info  # the public API
 
 
 def test_cli_supported_and_unsupported(arch_models, tmp_path):
