@@ -6,6 +6,7 @@ Python API::
     kvconvert.convert("org/model", "out/", kv_heads=8)            # options as in the CLI
     kvconvert.convert(None, "out2/", recipe="out/recipe.yaml")    # re-run a recorded recipe
     kvconvert.push("out/", "user/model-kv8")                      # upload to the Hub
+    kvconvert.inspect_model("org/model")                          # is it supported, and how
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from .errors import KVConvertError
 from .recipe import Recipe
 
-__all__ = ["KVConvertError", "Recipe", "convert", "push"]
+__all__ = ["KVConvertError", "Recipe", "convert", "inspect_model", "push"]
 __version__ = "0.1.0"
 
 
@@ -52,3 +53,10 @@ def push(folder: str | Path, repo_id: str, **kwargs: Any) -> str:
     from .hub import push as _push
 
     return _push(folder, repo_id, **kwargs)
+
+
+def inspect_model(model: str, revision: str | None = None) -> dict[str, Any]:
+    """What ``kvconvert inspect`` prints, as a dict (config and safetensors headers only)."""
+    from .inspection import inspect_model as _inspect
+
+    return _inspect(model, revision)

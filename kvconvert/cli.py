@@ -34,6 +34,7 @@ def main() -> None:
     kvconvert --recipe FILE.yaml -o OUT                 a conversion from a recipe file
     kvconvert push OUT user/name                        upload an output to the Hub
     kvconvert demo -o DIR                               offline end-to-end demo
+    kvconvert inspect MODEL                             is MODEL supported, and how
     """
 
 
@@ -185,6 +186,25 @@ def demo_cmd(output: str, quiet: bool) -> None:
         f"{s['kl_mean']:.4f}\n"
         f"converted model: {output}/converted"
     )
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def inspect_cmd(model: str, revision: str | None, as_json: bool) -> None:
+    """Whether and how MODEL is supported: attention layout, KV heads, head_dim, RoPE, KV bytes.
+
+    Reads only config.json and the safetensors headers. Exits 1 for an unsupported model.
+    """
+    import json
+
+    from .inspection import format_info, inspect_model
+
+    info = _run(lambda: inspect_model(model, revision))
+    click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+    if not info["supported"]:
+        sys.exit(1)
 
 
 def _run(fn):  # noqa: ANN001, ANN202 - tiny helper

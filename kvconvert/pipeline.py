@@ -29,8 +29,6 @@ from .recipe import Recipe, parse_size
 from .source import TensorSource, read_config, resolve_source
 from .writer import ShardedWriter, atomic_output, check_output, copy_side_files, write_json
 
-PROJ_KEYS = ("q", "k", "v", "o")
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -64,20 +62,27 @@ class Source:
         self.dtype = self.tensors.get(a.tensor_name(0, "k")).dtype
 
     def layer_weights(self, layer: int) -> AttentionWeights:
+        """Layer ``layer``'s attention tensors, cut into q/k/v/o by the adapter (fused qkv)."""
         a, t = self.adapter, self.tensors
-        kw = {f"w{p}": t.get(a.tensor_name(layer, p)) for p in PROJ_KEYS}
-        kw.update({f"b{p}": t.get_optional(a.tensor_name(layer, p, "bias")) for p in PROJ_KEYS})
-        return AttentionWeights(**kw)
+        stored = {role: t.get_optional(n) for role, n in a.layer_tensor_names(layer).items()}
+        return AttentionWeights.from_items(a.split(stored, self.num_heads, self.head_dim))
 
     def attention_tensor_names(self, layer: int) -> dict[str, str]:
-        """checkpoint name -> key in AttentionWeights.items(), for tensors present."""
-        out = {}
-        for p in PROJ_KEYS:
-            for kind in ("weight", "bias"):
-                name = self.adapter.tensor_name(layer, p, kind)
-                if name in self.tensors:
-                    out[name] = f"{p}.{kind}"
-        return out
+        """checkpoint name -> stored role (``adapter.join`` of the solved items), for tensors
+        present."""
+        names = self.adapter.layer_tensor_names(layer)
+        return {n: role for role, n in names.items() if n in self.tensors}
+
+
+def check_target(src: Source, target: str) -> None:
+    """Refuse a target the architecture has no output for (its adapter's ``outputs``)."""
+    outputs = src.adapter.outputs
+    if target not in outputs:
+        have = ", ".join(outputs) if outputs else "none yet"
+        raise KVConvertError(
+            f"model_type {src.config.get('model_type')!r}: --target {target} is not available "
+            f"for this architecture (available: {have}); see docs/architectures.md"
+        )
 
 
 def check_kv_heads(src: Source, kv_heads: int) -> None:
@@ -211,10 +216,10 @@ def solved_tensors(
             bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
             if bad:
                 raise KVConvertError(f"layer {i}: solved {', '.join(bad)} contain NaN/inf")
-            orig = w.items()
+            orig = src.adapter.join(w.items(), src.head_dim)
             pending[i] = {
                 k: (v.to(out_dtype or orig[k].dtype) if v is not None else None)
-                for k, v in new.items()
+                for k, v in src.adapter.join(new, src.head_dim).items()
             }
             remaining[i] = len(src.attention_tensor_names(i))
             results[i] = res
@@ -253,6 +258,7 @@ def quiet_libraries() -> None:
 def _convert(
     recipe: Recipe, src: Source, output: Path, progress: bool, command: str | None, t0: float
 ) -> Path:
+    check_target(src, recipe.target)
     check_kv_heads(src, recipe.kv_heads)
     device = resolve_device(recipe.device)
     out_dtype = None if recipe.dtype == "auto" else getattr(torch, recipe.dtype)

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 from ..errors import KVConvertError
 from .base import AttentionAdapter
+from .gemma import GEMMA
+from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
+from .opt import OPT
+from .phi3 import PHI3
+from .qwen3 import QWEN3
 
-_ADAPTERS: tuple[AttentionAdapter, ...] = (LLAMA,)
+_ADAPTERS: tuple[AttentionAdapter, ...] = (LLAMA, PHI3, QWEN3, GEMMA, GPT_NEOX, OPT)
 
 REGISTRY: dict[str, AttentionAdapter] = {mt: a for a in _ADAPTERS for mt in a.model_types}
 
 
 def supported_model_types() -> list[str]:
-    return sorted(REGISTRY)
+    """Model types with at least one conversion target (recognised-only layouts excluded)."""
+    return sorted(mt for mt, a in REGISTRY.items() if a.outputs)
 
 
 def get_adapter(model_type: str | None) -> AttentionAdapter:

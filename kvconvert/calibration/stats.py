@@ -4,6 +4,9 @@ Only sums of outer products are kept (never the N x d activations): per layer, t
 (KV*d x KV*d) second moment of the keys and of the values (so any grouping of KV heads can be
 solved later) and a (d x d) second moment per query head (to weight keys by the queries that
 read them). Moments are uncentered and include projection biases, as the merge needs.
+Where the adapter has per-head q/k norms, q and k are taken after the norm (what RoPE sees) and
+the mean square of each raw key head (the norm's input) is kept too. Fused qkv outputs are cut
+by the adapter.
 Products run in float32 on the model's device; sums are kept in float64.
 """
 
@@ -25,10 +28,13 @@ class LayerStats:
     v: torch.Tensor  # (KV*d, KV*d)
     q: torch.Tensor  # (H, d, d)
     count: int = 0
+    #: (KV,) mean square of each raw key head before a per-head k norm (None without one)
+    k_ms: torch.Tensor | None = None
 
     def mean(self) -> LayerStats:
         n = max(self.count, 1)
-        return LayerStats(self.k / n, self.v / n, self.q / n, self.count)
+        k_ms = self.k_ms / n if self.k_ms is not None else None
+        return LayerStats(self.k / n, self.v / n, self.q / n, self.count, k_ms)
 
 
 def _zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -59,6 +65,7 @@ class StatsCollector:
                 _zeros((kvd, kvd), device),
                 _zeros((kvd, kvd), device),
                 _zeros((self.H, self.d, self.d), device),
+                k_ms=_zeros((self.KV,), device) if adapter.has_qk_norm else None,
             )
             for i in self.layers
         }
@@ -66,9 +73,9 @@ class StatsCollector:
 
     def __enter__(self) -> StatsCollector:
         for i in self.layers:
-            for proj in ("q", "k", "v"):
-                mod = self.model.get_submodule(self.adapter.module_name(i, proj))
-                self._handles.append(mod.register_forward_hook(self._hook(i, proj)))
+            for name, (role, take) in self.adapter.stat_modules(i).items():
+                mod = self.model.get_submodule(name)
+                self._handles.append(mod.register_forward_hook(self._hook(i, role, take)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -76,21 +83,29 @@ class StatsCollector:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, layer: int, proj: str):
+    def _hook(self, layer: int, role: str, take: tuple[str, ...]):
         st = self.stats[layer]
 
-        def hook(_mod: torch.nn.Module, _inp: object, out: torch.Tensor) -> None:
-            x = out.detach().reshape(-1, out.shape[-1]).float()
-            if proj == "q":
-                xh = x.view(x.shape[0], self.H, self.d)
-                st.q += torch.einsum("nhd,nhe->hde", xh, xh).double()
-                st.count += x.shape[0]
-            elif proj == "k":
-                st.k += (x.T @ x).double()
-            else:
-                st.v += (x.T @ x).double()
+        def hook(_mod: torch.nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            parts = self.adapter.split_activation(role, out.detach(), self.H, self.d)
+            for proj in take:
+                x = parts[proj].reshape(-1, self._width(proj)).float()
+                if proj == "q":
+                    xh = x.view(x.shape[0], self.H, self.d)
+                    st.q += torch.einsum("nhd,nhe->hde", xh, xh).double()
+                    st.count += x.shape[0]
+                elif proj == "k":
+                    st.k += (x.T @ x).double()
+                    if st.k_ms is not None:
+                        raw = inp[0].detach().reshape(-1, self.KV, self.d).float()
+                        st.k_ms += raw.pow(2).mean(-1).sum(0).double()
+                else:
+                    st.v += (x.T @ x).double()
 
         return hook
+
+    def _width(self, proj: str) -> int:
+        return (self.H if proj == "q" else self.KV) * self.d
 
     def result(self) -> dict[int, LayerStats]:
         """Mean second moments per layer."""

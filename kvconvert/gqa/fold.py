@@ -33,9 +33,12 @@ class AttentionWeights:
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
     bo: torch.Tensor | None = None
+    #: per-head q/k RMSNorm weights (d,), shared by all heads of the layer (Qwen3); else None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
     def items(self) -> dict[str, torch.Tensor | None]:
-        return {
+        out = {
             "q.weight": self.wq,
             "k.weight": self.wk,
             "v.weight": self.wv,
@@ -45,6 +48,26 @@ class AttentionWeights:
             "v.bias": self.bv,
             "o.bias": self.bo,
         }
+        if self.k_norm is not None:
+            out.update({"q_norm.weight": self.q_norm, "k_norm.weight": self.k_norm})
+        return out
+
+    @classmethod
+    def from_items(cls, items: dict[str, torch.Tensor | None]) -> AttentionWeights:
+        """Inverse of :meth:`items` (missing roles are None)."""
+        g = items.get
+        return cls(
+            wq=g("q.weight"),
+            wk=g("k.weight"),
+            wv=g("v.weight"),
+            wo=g("o.weight"),
+            bq=g("q.bias"),
+            bk=g("k.bias"),
+            bv=g("v.bias"),
+            bo=g("o.bias"),
+            q_norm=g("q_norm.weight"),
+            k_norm=g("k_norm.weight"),
+        )
 
 
 def query_order(groups: list[tuple[int, ...]], n_rep: int) -> list[int]:
@@ -99,4 +122,6 @@ def fold_layer(
         bk=torch.cat(bk) if bk else None,
         bv=torch.cat(bv) if bv else None,
         bo=w.bo,
+        q_norm=w.q_norm,
+        k_norm=w.k_norm,
     )

@@ -9,6 +9,7 @@ import torch
 from ..calibration.stats import LayerStats, weight_stats
 from . import grouping as grouping_mod
 from .fold import AttentionWeights, fold_layer
+from .qknorm import normed_weight_stats, through_norms
 from .solve import Merge, objective_metrics, solve_real, solve_rope
 
 
@@ -62,9 +63,11 @@ def merge_layer(
     ``stats`` are mean activation moments (from calibration); without them (``mean`` and
     ``svd-weights``), the weights' own moments stand in, which also serve for error reports.
     """
+    kv, d = shape.num_kv_heads, shape.head_dim
     if method == "svd-weights" or stats is None:
         stats = weight_stats(w.wq, w.bq, w.wk, w.bk, w.wv, w.bv, shape.num_heads)
-    kv, d = shape.num_kv_heads, shape.head_dim
+        if w.k_norm is not None:
+            stats = normed_weight_stats(stats, w.q_norm, w.k_norm, kv, d)
     met_v = objective_metrics("v", objective, kv, d, shape.n_rep, wo=w.wo)
     met_k = objective_metrics("k", objective, kv, d, shape.n_rep, q_moments=stats.q)
     use_rope = rope_keys == "complex" and bool(shape.rope_pairs)
@@ -90,7 +93,12 @@ def merge_layer(
         groups = grouping_mod.adjacent(kv, kv_heads)
     key_merges = [solve_k(g) for g in groups]
     value_merges = [solve_v(g) for g in groups]
-    new = fold_layer(w, key_merges, value_merges, shape.num_heads, kv, d)
+    fold_k = key_merges
+    if w.k_norm is not None:  # per-head q/k norms: see qknorm.py for the approximation
+        fold_k, qn, kn = through_norms(key_merges, stats, w.q_norm, w.k_norm, shape.n_rep, d)
+    new = fold_layer(w, fold_k, value_merges, shape.num_heads, kv, d)
+    if w.k_norm is not None:
+        new.q_norm, new.k_norm = qn, kn
     return LayerResult(new, groups, key_merges, value_merges)
 
 

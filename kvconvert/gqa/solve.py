@@ -191,6 +191,10 @@ def solve_rope(
         else:
             _, vecs = torch.linalg.eigh(whiten)
             u = vecs[..., -1]  # (F, t), top eigenvector per frequency
+            # eigh leaves each frequency's phase arbitrary; fix it so that the encoder's sum
+            # is real positive: one member (identity) then gets enc = dec = 1, not a rotation.
+            s = (u.conj() * wc).sum(dim=1, keepdim=True)
+            u = u * (s / s.abs().clamp_min(1e-300))
             cc, dd = u.conj() * wc, u / wc
             scale = (t**0.5) / torch.linalg.vector_norm(dd, dim=1, keepdim=True)
             dd, cc = dd * scale, cc / scale  # mean-like gain: |dec| ~ 1

@@ -1,0 +1,105 @@
+"""Tiny seeded models of the non-Llama architectures, from stock transformers configs.
+
+Each one exercises what its adapter is about: a fused qkv_proj with KV < H and partial rotary
+(phi3), per-head q/k norms with non-trivial weights (qwen3), head_dim != hidden/heads (gemma),
+soft-capping, query_pre_attn_scalar and sliding layers shorter than the test sequences (gemma2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.1,
+)
+ARCHS = ("phi3", "qwen3", "gemma", "gemma2")
+SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13}
+
+
+def build(kind: str, folder: Path) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(SEEDS[kind])
+    if kind == "phi3":
+        cfg = tf.Phi3Config(
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            partial_rotary_factor=0.5,
+            tie_word_embeddings=False,
+            **COMMON,
+        )
+        model = tf.Phi3ForCausalLM(cfg)
+    elif kind == "qwen3":
+        cfg = tf.Qwen3Config(num_attention_heads=4, num_key_value_heads=4, head_dim=16, **COMMON)
+        model = tf.Qwen3ForCausalLM(cfg)
+        with torch.no_grad():  # non-trivial per-head norm weights (stock init is all ones)
+            for name, p in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.uniform_(0.3, 2.0)
+    elif kind == "gemma":
+        cfg = tf.GemmaConfig(num_attention_heads=4, num_key_value_heads=4, head_dim=32, **COMMON)
+        model = tf.GemmaForCausalLM(cfg)
+    else:
+        cfg = tf.Gemma2Config(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=24,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=10.0,
+            **COMMON,
+        )
+        model = tf.Gemma2ForCausalLM(cfg)
+    if kind.startswith("gemma"):  # the stock init leaves Gemma's (1 + w) norms at 1: vary them
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def fold_identity_in_place(model: torch.nn.Module, model_type: str, method: str) -> None:
+    """Merge every layer of a loaded model at identity (--kv-heads = its own count) through
+    the adapter's split / merge_layer / join, and load the result back into ``model``.
+
+    The weight-level path for architectures whose converted output needs kvconvert's modeling
+    code: the stock class can still run an identity fold, which must not change the logits.
+    """
+    from kvconvert.arch import get_adapter
+    from kvconvert.calibration.stats import StatsCollector
+    from kvconvert.gqa.fold import AttentionWeights
+    from kvconvert.gqa.layer import LayerShape, merge_layer, to_float64
+    from tests.conftest import token_ids
+
+    cfg = model.config.to_dict()
+    a = get_adapter(model_type)
+    h, kv, d = a.num_heads(cfg), a.num_kv_heads(cfg), a.head_dim(cfg)
+    stats = None
+    if method == "svd":
+        with torch.inference_mode(), StatsCollector(model, a, cfg) as col:
+            model(input_ids=token_ids(4, 32, seed=3), use_cache=False)
+        stats = col.result()
+    shape = LayerShape(h, kv, d, a.rope_pairs(cfg))
+    sd = model.state_dict()
+    new_sd = {}
+    for i in range(a.num_layers(cfg)):
+        names = a.layer_tensor_names(i)
+        w = AttentionWeights.from_items(a.split({r: sd.get(n) for r, n in names.items()}, h, d))
+        res = merge_layer(to_float64(w, "cpu"), stats[i] if stats else None, shape, kv, method)
+        assert not torch.equal(res.weights.wk, w.wk.double())  # a real change of basis
+        for role, t in a.join(res.weights.items(), d).items():
+            if t is not None and names.get(role) in sd:
+                new_sd[names[role]] = t.to(sd[names[role]].dtype)
+    model.load_state_dict(new_sd, strict=False)

@@ -1,0 +1,102 @@
+"""GPT-NeoX: its fused per-head qkv and partial rotary, at the solver level.
+
+Its converted output waits for kvconvert's modeling code (transformers' GPT-NeoX has no GQA);
+what is tested here is everything before it: the adapter's split/fuse, calibration hooks on
+the fused activation, and the identity fold through merge_layer into a stock model.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import pytest
+import torch
+
+import kvconvert
+from kvconvert.arch import get_adapter, supported_model_types
+from kvconvert.arch.base import fuse_qkv, split_qkv
+from kvconvert.errors import KVConvertError
+from kvconvert.inspection import inspect_model
+from tests.arch.models import fold_identity_in_place
+from tests.conftest import FAST, token_ids
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(14)
+    cfg = GPTNeoXConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rotary_pct=0.25,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
+    )
+    model = GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    folder = tmp_path_factory.mktemp("neox") / "neox"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("layout", ["concat", "per_head"])
+def test_split_fuse_round_trip(layout):
+    h, d = 4, 16
+    q_rows = h * d
+    t = torch.randn(3 * q_rows, 7)
+    q, k, v = split_qkv(t, h, d, layout=layout)
+    assert q.shape == k.shape == v.shape == (q_rows, 7)
+    assert torch.equal(fuse_qkv(q, k, v, d, layout), t)
+    x = torch.randn(3, 7)  # activations x @ W^T are cut along their last dim the same way
+    for p, w in zip(split_qkv(x @ t.T, h, d, dim=-1, layout=layout), (q, k, v), strict=True):
+        torch.testing.assert_close(p, x @ w.T)
+
+
+def test_per_head_layout_matches_transformers(neox):
+    model, _ = neox
+    att = model.gpt_neox.layers[0].attention
+    x = torch.randn(1, 3, 64)
+    fused = att.query_key_value(x)
+    q_ref, k_ref, v_ref = fused.view(1, 3, 4, 48).chunk(3, dim=-1)  # what GPT-NeoX does
+    q, k, v = split_qkv(fused, 4, 16, dim=-1, layout="per_head")
+    for a, b in ((q, q_ref), (k, k_ref), (v, v_ref)):
+        torch.testing.assert_close(a, b.reshape(1, 3, 64))
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-weights"])
+def test_identity_fold_reproduces_stock_logits(neox, method):
+    model, _ = neox
+    assert get_adapter("gpt_neox").rope_pairs(model.config.to_dict()) == [(0, 2), (1, 3)]
+    ids = token_ids(2, 40)
+    folded = deepcopy(model)
+    fold_identity_in_place(folded, "gpt_neox", method)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            folded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+
+
+def test_convert_refuses_with_clear_error(neox, tmp_path):
+    _, folder = neox
+    out = tmp_path / "o"
+    with pytest.raises(KVConvertError, match="--target gqa is not available.*none yet"):
+        kvconvert.convert(str(folder), str(out), kv_heads=2, **FAST)
+    assert not out.exists()
+    assert "gpt_neox" not in supported_model_types()
+    with pytest.raises(KVConvertError, match="cannot hold fewer KV heads"):
+        fuse_qkv(torch.zeros(64, 8), torch.zeros(32, 8), torch.zeros(32, 8), 16, "per_head")
+
+
+def test_inspect_reports_layout(neox):
+    info = inspect_model(str(neox[1]))
+    assert not info["supported"] and info["targets"] == {}
+    assert info["rotary_dims"] == "4 of 16" and "query_key_value" in info["attention"]
