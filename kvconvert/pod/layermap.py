@@ -149,7 +149,7 @@ def check_map(pod_map: list[list[int]], num_layers: int, num_kv_heads: int) -> N
 
 
 def describe(pod_map: list[list[int]]) -> str:
-    """Blocks per KV head, e.g. 'h0: 0-2 3 4 | h1: ...'."""
+    """Blocks per KV head, e.g. "h0: 0-2 3 4; h1: 0 1-4"."""
     out = []
     for h in range(len(pod_map[0])):
         blocks: list[list[int]] = []
@@ -160,4 +160,4 @@ def describe(pod_map: list[list[int]]) -> str:
                 blocks[-1].append(layer)
         text = " ".join(f"{b[0]}-{b[-1]}" if len(b) > 1 else str(b[0]) for b in blocks)
         out.append(f"h{h}: {text}")
-    return " | ".join(out)
+    return "; ".join(out)
