@@ -5,6 +5,7 @@
 Converts with ``--target pod`` (self-sampled calibration), then measures on sequences sampled
 from the original with a seed disjoint from calibration:
 - the KV cache bytes held by the real cache objects after a prefill of ``--seq-len`` tokens,
+  as a saving against the original's cache (for gqa,pod: merge and PoD together),
 - KL(original || PoD) per token over those sequences (full-sequence forward),
 - greedy decode speed with the cache (prompt ``--prompt`` tokens, up to ``--seq-len`` total),
   original vs PoD, best of ``--repeats``, on the CPU with the given torch threads.
@@ -80,7 +81,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
             f"--kv-saving {args.kv_saving}": dict(
-                kv_saving=args.kv_saving, num_samples=args.num_samples
+                target="pod", kv_saving=args.kv_saving, num_samples=args.num_samples
+            ),
+            f"--target gqa,pod --kv-heads 2 --kv-saving {args.kv_saving}": dict(
+                target="gqa,pod",
+                kv_heads=2,
+                kv_saving=args.kv_saving,
+                num_samples=args.num_samples,
             ),
         }
         layers = orig.config.num_hidden_layers
@@ -92,15 +99,14 @@ def main() -> None:
         for name, pod_map in fixed.items():
             path = Path(tmp) / f"{len(runs)}.json"
             path.write_text(json.dumps(pod_map))
-            runs[name] = dict(pod_map=str(path), context=args.seq_len)
+            runs[name] = dict(target="pod", pod_map=str(path), context=args.seq_len)
         print(
-            "| map | blocks per KV head | predicted saving | measured saving | KL nats/token "
+            "| map | blocks per KV head | predicted PoD saving | measured saving vs original "
+            "| KL nats/token "
             "| decode tok/s orig | decode tok/s PoD |\n|---|---|---|---|---|---|---|"
         )
         for i, (name, opts) in enumerate(runs.items()):
-            out = kvconvert.convert(
-                args.model, str(Path(tmp) / f"out{i}"), target="pod", **common, **opts
-            )
+            out = kvconvert.convert(args.model, str(Path(tmp) / f"out{i}"), **common, **opts)
             rep = json.loads((out / "kvconvert.json").read_text())
             m = measure(orig, out, evals, args)
             print(

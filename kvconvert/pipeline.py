@@ -252,7 +252,7 @@ def quiet_libraries() -> None:
 def _convert(
     recipe: Recipe, src: Source, output: Path, progress: bool, command: str | None, t0: float
 ) -> Path:
-    if recipe.target == "pod":
+    if recipe.target in ("pod", "gqa,pod"):
         from .pod.convert import convert_pod
 
         return convert_pod(recipe, src, output, progress, command, t0)

@@ -13,7 +13,7 @@ from .errors import KVConvertError
 from .gqa.grouping import GROUPINGS
 from .gqa.solve import METHODS
 
-TARGETS = ("gqa", "pod")
+TARGETS = ("gqa", "pod", "gqa,pod")
 ROPE_KEYS = ("complex", "real")
 OBJECTIVES = ("output", "plain")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -42,7 +42,8 @@ class Recipe:
     output: str = option(None, "Output folder (refused if it exists).", short="-o", required=True)
     target: str = option(
         "gqa",
-        "Conversion: gqa merges KV heads; pod shares distant-token keys between layers.",
+        "Conversion: gqa merges KV heads; pod shares distant-token keys between layers; "
+        "gqa,pod merges heads first, then computes the PoD map on the merged model.",
         TARGETS,
     )
     kv_heads: int | None = option(
@@ -135,13 +136,13 @@ class Recipe:
                 raise KVConvertError(
                     f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
-        if self.target == "gqa" and self.kv_heads is None:
-            raise KVConvertError("kv_heads: --target gqa needs --kv-heads N")
+        if self.target in ("gqa", "gqa,pod") and self.kv_heads is None:
+            raise KVConvertError(f"kv_heads: --target {self.target} needs --kv-heads N")
         for key in ("kv_heads", "num_samples", "seq_len", "batch_size"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
-        if self.target == "pod":
+        if self.target in ("pod", "gqa,pod"):
             self._validate_pod()
         if self.seq_len < 2:
             raise KVConvertError("seq_len: must be at least 2")
@@ -149,8 +150,10 @@ class Recipe:
         return self
 
     def _validate_pod(self) -> None:
-        if self.kv_heads is not None:
-            raise KVConvertError("kv_heads: --kv-heads belongs to --target gqa, not pod")
+        if self.target == "pod" and self.kv_heads is not None:
+            raise KVConvertError(
+                "kv_heads: --kv-heads belongs to --target gqa (or gqa,pod), not pod"
+            )
         for key in ("sink", "recent", "keep_first"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 0:

@@ -287,16 +287,19 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def head_runs(heads: list[int], index: list[int]) -> list[tuple[int, int]]:
-    """Contiguous (start, stop) runs of ``index[h]`` over ``heads`` (for cheap slicing)."""
-    runs: list[tuple[int, int]] = []
-    for h in heads:
-        i = index[h]
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
+def runs(places: list[tuple[object, int]]) -> list[tuple[object, int, int]]:
+    """Merge per-head (where, index) into contiguous (where, start, stop) slices."""
+    out: list[tuple[object, int, int]] = []
+    for where, i in places:
+        if out and out[-1][0] == where and out[-1][2] == i:
+            out[-1] = (where, out[-1][1], i + 1)
         else:
-            runs.append((i, i + 1))
-    return runs
+            out.append((where, i, i + 1))
+    return out
+
+
+def cat_heads(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class PodAttention(nn.Module):
@@ -316,40 +319,39 @@ class PodAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=qkv_bias)
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=config.attention_out_bias)
-        # For each KV head: which layer's full keys hold its distant tokens, and at which index.
+        # Per KV head, where its keys live, as contiguous slices: distant tokens in the full
+        # keys of its block bottom (layer, start, stop); proximal tokens in this layer's full
+        # keys ("own") or window keys ("window").
         pod_map = config.pod_map
         self.sources = pod_map[layer_idx]
         self.shares = any(b != layer_idx for b in self.sources)
-        self.distant_runs: list[tuple[int, int, int]] = []  # (layer, start, stop) in its keys
-        for head, src in enumerate(self.sources):
-            owned = [g for g, b in enumerate(pod_map[src]) if b == src]
-            i = owned.index(head)
-            runs = self.distant_runs
-            if runs and runs[-1][0] == src and runs[-1][2] == i:
-                runs[-1] = (src, runs[-1][1], i + 1)
-            else:
-                runs.append((src, i, i + 1))
-        self.owned = [g for g, b in enumerate(self.sources) if b == layer_idx]
-        self.borrowing = [g for g, b in enumerate(self.sources) if b != layer_idx]
-        # For each KV head: (is owned, index in layer.keys or layer.window_keys).
-        self.proximal_from = [
-            (b == layer_idx, (self.owned if b == layer_idx else self.borrowing).index(h))
-            for h, b in enumerate(self.sources)
-        ]
+        owned_by = {
+            src: [g for g, b in enumerate(pod_map[src]) if b == src] for src in self.sources
+        }
+        self.distant_runs = runs(
+            [(src, owned_by[src].index(h)) for h, src in enumerate(self.sources)]
+        )
+        borrowing = [g for g, b in enumerate(self.sources) if b != layer_idx]
+        self.proximal_runs = runs(
+            [
+                ("own", owned_by[b].index(h)) if b == layer_idx else ("window", borrowing.index(h))
+                for h, b in enumerate(self.sources)
+            ]
+        )
 
     def _keys(self, cache: PodCache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(distant keys over all slots, proximal keys over ``slots``), heads in order."""
         layer = cache.layers[self.layer_idx]
-        distant = torch.cat(
-            [cache.layers[src].keys[:, a:b] for src, a, b in self.distant_runs], dim=1
+        distant = cat_heads([cache.layers[src].keys[:, a:b] for src, a, b in self.distant_runs])
+        proximal = cat_heads(
+            [
+                layer.keys[:, a:b].index_select(2, slots)
+                if where == "own"
+                else layer.window_keys[:, a:b]
+                for where, a, b in self.proximal_runs
+            ]
         )
-        parts = [
-            layer.keys[:, i : i + 1].index_select(2, slots)
-            if own
-            else layer.window_keys[:, i : i + 1]
-            for own, i in self.proximal_from
-        ]
-        return distant, torch.cat(parts, dim=1)
+        return distant, proximal
 
     def forward(self, hidden_states, position_embeddings, masks, cache: PodCache, **kwargs):
         input_shape = hidden_states.shape[:-1]

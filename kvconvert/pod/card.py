@@ -28,6 +28,15 @@ def pod_model_card(report: dict[str, Any], base_model: str | None) -> str:
         f"(proximal tokens: the first {tgt['sink']} and the last {tgt['recent']} before each "
         "query keep their own keys). Weights are unchanged; no adaptation training was done.",
         "",
+        *(
+            [
+                f"- KV heads merged first: {src['num_key_value_heads']} -> "
+                f"{report['gqa']['target']['num_key_value_heads']} per layer "
+                f"(method `{report['recipe']['method']}`)"
+            ]
+            if "gqa" in report
+            else []
+        ),
         f"- Layer map ({tgt['map_from']}), blocks per KV head: {tgt['blocks']}",
         f"- Predicted KV cache saving at {tgt['context']} tokens: {tgt['predicted_kv_saving']:.1%}",
         "",

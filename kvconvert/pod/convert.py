@@ -7,6 +7,9 @@ predicted KV saving.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,40 @@ def choose_map(recipe: Recipe, similarity: np.ndarray, context: int) -> tuple[li
 def convert_pod(
     recipe: Recipe, src: Any, output: Path, progress: bool, command: str | None, t0: float
 ) -> Path:
-    """Run ``--target pod`` for a resolved ``pipeline.Source``; return the output folder."""
+    """Run ``--target pod`` (or ``gqa,pod``) for a resolved ``pipeline.Source``."""
+    if recipe.target == "gqa,pod":
+        return _merge_then_pod(recipe, src, output, progress, command, t0)
+    return _pod(recipe, src, output, progress, command, t0)
+
+
+def _merge_then_pod(
+    recipe: Recipe, src: Any, output: Path, progress: bool, command: str | None, t0: float
+) -> Path:
+    """Merge KV heads into a temporary GQA checkpoint, then compute the map on it."""
+    from ..pipeline import Source, _convert
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.gqa-", dir=output.parent) as tmp:
+        stage = Path(tmp) / "gqa"
+        merge = dataclasses.replace(recipe, target="gqa", output=str(stage), overwrite=False)
+        _convert(merge, src, stage, progress, command, t0)
+        merged = Source(dataclasses.replace(recipe, model=str(stage), revision=None), progress)
+        try:
+            gqa = json.loads((stage / "kvconvert.json").read_text())
+            return _pod(recipe, merged, output, progress, command, t0, gqa)
+        finally:
+            merged.tensors.close()
+
+
+def _pod(
+    recipe: Recipe,
+    src: Any,
+    output: Path,
+    progress: bool,
+    command: str | None,
+    t0: float,
+    gqa: dict[str, Any] | None = None,
+) -> Path:
     from ..pipeline import calibration_tokens, load_model, resolve_device
 
     L, kv = src.num_layers, src.num_kv_heads
@@ -162,6 +198,13 @@ def convert_pod(
                 "total": round(time.perf_counter() - t0, 3),
             },
         }
+        if gqa is not None:  # heads were merged first: record that stage too
+            rep["source"] = gqa["source"]
+            rep["gqa"] = {
+                k: gqa[k] for k in ("target", "calibration", "layers", "kv_bytes_per_token")
+            }
+            before = gqa["kv_bytes_per_token"]["before"]
+            rep["kv_bytes"]["at_context"]["original"] = before * context
         write_json(work / "kvconvert.json", rep)
         base = recipe.model if not Path(recipe.model).expanduser().exists() else None
         (work / "README.md").write_text(pod_model_card(rep, base))

@@ -79,3 +79,26 @@ def test_clear_errors(tiny_models, tmp_path, opts, message):
             str(tiny_models["llama"]), str(tmp_path / "o"), target="pod", **{**POD, **opts}
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_gqa_then_pod(tiny_models, tmp_path):
+    """--target gqa,pod: heads merged first (stock GQA weights), then the map on the merge."""
+    src = tiny_models["llama"]  # 4 KV heads -> 2
+    out = kvconvert.convert(
+        str(src), str(tmp_path / "out"), target="gqa,pod", kv_heads=2, kv_saving=0.1, **POD
+    )
+    rep = json.loads((out / "kvconvert.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_key_value_heads"] == 2 and len(cfg["pod_map"][0]) == 2
+    assert rep["source"]["num_key_value_heads"] == 4
+    assert rep["gqa"]["target"]["num_key_value_heads"] == 2
+    assert rep["target"]["predicted_kv_saving"] >= 0.1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # stage removed
+    gqa_only = kvconvert.convert(str(src), str(tmp_path / "gqa"), kv_heads=2, **POD)
+    model, merged = load(out, trust_remote_code=True), load(gqa_only)
+    ids = token_ids(2, 32)
+    saving = 1 - kv_cache_bytes(model, ids) / kv_cache_bytes(merged, ids)
+    assert saving == pytest.approx(rep["target"]["predicted_kv_saving"], abs=1e-6)
+    for name, t in merged.state_dict().items():  # the PoD weights are the merged ones
+        assert torch.equal(model.state_dict()[name], t), name
+    assert "merged first: 4 -> 2" in (out / "README.md").read_text()
