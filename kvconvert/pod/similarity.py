@@ -55,7 +55,7 @@ class DistantAttention:
         self.head_dim = adapter.head_dim(config)
         self.rotary = adapter.rotary_dim(config)
         self.sink, self.recent, self.num_queries = sink, recent, num_queries
-        self.total = torch.zeros(self.num_layers - 1, self.kv, dtype=torch.float64)
+        self.total = torch.zeros(self.num_layers - 1, self.kv)
         self.count = 0
         self._prev: torch.Tensor | None = None
         self._handles = []
@@ -108,14 +108,16 @@ class DistantAttention:
         probs = probs.view(b, self.kv, groups, -1, t).mean(2)  # (b, kv, queries, t)
         if layer > 0 and self._prev is not None:
             jsd = jsd_bits(self._prev, probs).mean(dim=(0, 2))  # (kv,)
-            self.total[layer - 1] += (1 - jsd).double().cpu() * b
+            if self.total.device != jsd.device:  # accumulate where the model runs
+                self.total = self.total.to(jsd.device)
+            self.total[layer - 1] += (1 - jsd).float() * b
         if layer == 0:
             self.count += b
         self._prev = probs
 
     def result(self) -> np.ndarray:
         """similarity[l, h]: layers l and l + 1, KV head h (shape (L - 1, KV))."""
-        return (self.total / max(self.count, 1)).numpy()
+        return (self.total / max(self.count, 1)).cpu().double().numpy()
 
 
 @torch.inference_mode()
