@@ -46,7 +46,9 @@ def kv_cache_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     out = model(input_ids=input_ids.to(dev), use_cache=True)
     total = 0
     for layer in out.past_key_values.layers:
-        for t in (layer.keys, layer.values):
+        # cache layers that hold more than keys/values (PoD's windowed keys) list them all
+        tensors = layer.cached_tensors() if hasattr(layer, "cached_tensors") else ()
+        for t in tensors or (layer.keys, layer.values):
             if t is not None:
                 total += t.numel() * t.element_size()
     return total

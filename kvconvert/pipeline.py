@@ -259,6 +259,10 @@ def _convert(
     recipe: Recipe, src: Source, output: Path, progress: bool, command: str | None, t0: float
 ) -> Path:
     check_target(src, recipe.target)
+    if recipe.target in ("pod", "gqa,pod"):
+        from .pod.convert import convert_pod
+
+        return convert_pod(recipe, src, output, progress, command, t0)
     check_kv_heads(src, recipe.kv_heads)
     device = resolve_device(recipe.device)
     out_dtype = None if recipe.dtype == "auto" else getattr(torch, recipe.dtype)

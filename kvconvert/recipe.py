@@ -17,7 +17,7 @@ from .errors import KVConvertError
 from .gqa.grouping import GROUPINGS
 from .gqa.solve import METHODS
 
-TARGETS = ("gqa",)
+TARGETS = ("gqa", "pod", "gqa,pod")
 ROPE_KEYS = ("complex", "real")
 OBJECTIVES = ("output", "plain")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -44,7 +44,12 @@ class Recipe:
 
     model: str = option(None, "Source model: a local folder or a Hub id.", cli="argument")
     output: str = option(None, "Output folder (refused if it exists).", short="-o", required=True)
-    target: str = option("gqa", "Conversion: gqa merges KV heads.", TARGETS)
+    target: str = option(
+        "gqa",
+        "Conversion: gqa merges KV heads; pod shares distant-token keys between layers; "
+        "gqa,pod merges heads first, then computes the PoD map on the merged model.",
+        TARGETS,
+    )
     kv_heads: int | None = option(
         None, "KV heads per layer after merging; must divide the current count.", type=int
     )
@@ -67,6 +72,41 @@ class Recipe:
     )
     grouping: str = option(
         "adjacent", "adjacent heads, or search the grouping that loses least per layer.", GROUPINGS
+    )
+    sink: int = option(
+        16, "PoD: the first N tokens of a sequence are always proximal (own keys).", type=int
+    )
+    recent: int = option(
+        4080,
+        "PoD: keys at most N positions before a query are proximal (own keys); older ones "
+        "are distant and read through the block bottom's keys. Upper layers cache sink + N keys.",
+        type=int,
+    )
+    threshold: float = option(
+        0.5,
+        "PoD: a layer joins the block below while their distant-attention similarity "
+        "(1 - JSD, 0..1) is at least this. Not used with --kv-saving or --pod-map.",
+        type=float,
+    )
+    kv_saving: float | None = option(
+        None,
+        "PoD: target KV-cache saving (fraction below 0.5) at --context tokens; the most "
+        "similar layers merge first. Overrides --threshold.",
+        type=float,
+    )
+    context: int | None = option(
+        None,
+        "PoD: context length for --kv-saving and the reported saving (default: --seq-len).",
+        type=int,
+    )
+    max_block: int | None = option(
+        None, "PoD: most layers in one block (default: no limit).", type=int
+    )
+    keep_first: int = option(0, "PoD: the first N layers never borrow keys.", type=int)
+    pod_map: str | None = option(
+        None,
+        "PoD: JSON file with the layer map, [[bottom layer per KV head] per layer] (or a "
+        "previous output's config.json); skips calibration.",
     )
     calibration: str = option(
         "self",
@@ -100,16 +140,38 @@ class Recipe:
                 raise KVConvertError(
                     f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
-        if self.target == "gqa" and self.kv_heads is None:
-            raise KVConvertError("kv_heads: --target gqa needs --kv-heads N")
+        if self.target in ("gqa", "gqa,pod") and self.kv_heads is None:
+            raise KVConvertError(f"kv_heads: --target {self.target} needs --kv-heads N")
         for key in ("kv_heads", "num_samples", "seq_len", "batch_size"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
+        if self.target in ("pod", "gqa,pod"):
+            self._validate_pod()
         if self.seq_len < 2:
             raise KVConvertError("seq_len: must be at least 2")
         parse_size(self.max_shard_size)
         return self
+
+    def _validate_pod(self) -> None:
+        if self.target == "pod" and self.kv_heads is not None:
+            raise KVConvertError(
+                "kv_heads: --kv-heads belongs to --target gqa (or gqa,pod), not pod"
+            )
+        for key in ("sink", "recent", "keep_first"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 0:
+                raise KVConvertError(f"{key}: must be an integer >= 0, got {v!r}")
+        for key in ("context", "max_block"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
+        if not 0 <= self.threshold <= 1:
+            raise KVConvertError(f"threshold: must lie in [0, 1], got {self.threshold}")
+        if self.kv_saving is not None and not 0 < self.kv_saving < 0.5:
+            raise KVConvertError(
+                f"kv_saving: must lie in (0, 0.5) (values are never shared), got {self.kv_saving}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

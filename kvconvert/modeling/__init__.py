@@ -1,0 +1,1 @@
+"""Files copied verbatim into outputs that need remote code (they never import kvconvert)."""

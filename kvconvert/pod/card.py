@@ -1,0 +1,57 @@
+"""README.md model card of a PoD output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pod_model_card(report: dict[str, Any], base_model: str | None) -> str:
+    from huggingface_hub import ModelCardData
+
+    src, tgt = report["source"], report["target"]
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="finetune" if base_model else None,
+        library_name="transformers",
+        tags=["kvconvert", "pod"],
+    )
+    name = src["model"].rstrip("/").split("/")[-1]
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {name} with PoD layer key sharing",
+        "",
+        f"Converted from `{src['model']}` by kvconvert {report['versions'].get('kvconvert', '')}"
+        ": upper layers of each block attend to distant tokens with the block bottom's keys "
+        f"(proximal tokens: the first {tgt['sink']} and the last {tgt['recent']} before each "
+        "query keep their own keys). Weights are unchanged; no adaptation training was done.",
+        "",
+        *(
+            [
+                f"- KV heads merged first: {src['num_key_value_heads']} -> "
+                f"{report['gqa']['target']['num_key_value_heads']} per layer "
+                f"(method `{report['recipe']['method']}`)"
+            ]
+            if "gqa" in report
+            else []
+        ),
+        f"- Layer map ({tgt['map_from']}), blocks per KV head: {tgt['blocks']}",
+        f"- Predicted KV cache saving at {tgt['context']} tokens: {tgt['predicted_kv_saving']:.1%}",
+        "",
+        "It needs the PoD modeling code shipped in this folder:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("path/or/repo", trust_remote_code=True)',
+        "```",
+        "",
+        "Reproduce with:",
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
