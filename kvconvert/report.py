@@ -42,11 +42,11 @@ def model_card(report: dict[str, Any], base_model: str | None) -> str:
         data.to_yaml(),
         "---",
         "",
-        f"# {src['model'].rstrip('/').split('/')[-1]} with {tgt['num_key_value_heads']} KV heads",
+        f"# {src['model'].rstrip('/').split('/')[-1]} with {_heads(tgt)} KV heads",
         "",
         f"Converted from `{src['model']}` by [kvconvert](https://github.com/) "
         f"{report['versions'].get('kvconvert', '')}: KV-head merging from "
-        f"{src['num_key_value_heads']} to {tgt['num_key_value_heads']} KV heads per layer "
+        f"{src['num_key_value_heads']} to {_heads(tgt)} KV heads per layer "
         f"(method `{report['recipe']['method']}`, RoPE keys `{report['recipe']['rope_keys']}`, "
         f"objective `{report['recipe']['objective']}`, grouping `{report['recipe']['grouping']}`).",
         "",
@@ -59,13 +59,7 @@ def model_card(report: dict[str, Any], base_model: str | None) -> str:
             f"L{r['layer']} {r['key_error']:.3f}/{r['value_error']:.3f}" for r in report["layers"]
         ),
         "",
-        "This is an ordinary grouped-query-attention checkpoint of the original architecture; "
-        "it loads with the stock classes, no remote code:",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("path/or/repo")',
-        "```",
+        *_loading(tgt),
         "",
         "Reproduce with:",
         "",
@@ -75,3 +69,38 @@ def model_card(report: dict[str, Any], base_model: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _loading(target: dict[str, Any]) -> list[str]:
+    """How to load the output: stock classes, or the bundled remote code."""
+    if not target.get("remote_code"):
+        return [
+            "This is an ordinary grouped-query-attention checkpoint of the original "
+            "architecture; it loads with the stock classes, no remote code:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            'model = AutoModelForCausalLM.from_pretrained("path/or/repo")',
+            "```",
+        ]
+    what = []
+    if isinstance(target["num_key_value_heads"], list):
+        what.append(f"per-layer KV heads {target['num_key_value_heads']}")
+    if target.get("key_projection_heads"):
+        what.append("keys projected after RoPE at run time (the GQA paper's method)")
+    return [
+        f"This checkpoint has {' and '.join(what)}, which no stock transformers class "
+        "expresses. Its model code (`configuration_kvconvert.py`, `modeling_kvconvert.py`, "
+        "transformers only; kvconvert is not needed) ships in this folder; load it with "
+        "`trust_remote_code=True`:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("path/or/repo", trust_remote_code=True)',
+        "```",
+    ]
+
+
+def _heads(target: dict[str, Any]) -> str:
+    g = target["num_key_value_heads"]
+    return ",".join(map(str, g)) if isinstance(g, list) else str(g)
