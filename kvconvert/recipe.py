@@ -114,8 +114,8 @@ class Recipe:
         given = [k for k in ("kv_heads", "kv_heads_per_layer", "kv_budget") if getattr(self, k)]
         if self.target == "gqa" and len(given) != 1:
             raise KVConvertError(
-                "kv_heads: --target gqa needs exactly one of --kv-heads N, "
-                "--kv-heads-per-layer LIST or --kv-budget FRACTION"
+                "kv_heads: --target gqa needs --kv-heads N, or instead exactly one of "
+                "--kv-heads-per-layer LIST, --kv-budget FRACTION"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:

@@ -59,7 +59,7 @@ def test_sensitivity_equals_kl_of_written_checkpoint(tiny_models, tmp_path):
         ({"kv_heads_per_layer": "2,2,2"}, "3 counts given, the model has 2 layers"),
         ({"kv_heads_per_layer": "3,2"}, "3 does not divide the model's 4 KV heads"),
         ({"kv_heads_per_layer": "two,2"}, "cannot read"),
-        ({"kv_budget": 0.5, "kv_heads": 2}, "exactly one of"),
+        ({"kv_budget": 0.5, "kv_heads": 2}, "instead exactly one of"),
         ({"kv_budget": 1.5}, "must be in \\(0, 1\\]"),
         ({"kv_budget": 0.1}, "each needing at least one"),
     ],
