@@ -23,8 +23,11 @@ from .arch import AttentionAdapter, get_adapter
 from .calibration.data import batches, load_documents, sample_from_model, tokenize_documents
 from .calibration.stats import LayerStats, StatsCollector
 from .errors import KVConvertError
+from .gqa import budget as budget_mod
 from .gqa.fold import AttentionWeights
 from .gqa.layer import LayerResult, LayerShape, merge_layer, to_float64
+from .gqa.project import ProjectedLayerResult, RotatedStatsCollector, project_layer
+from .modeling import export as remote
 from .recipe import Recipe, parse_size
 from .source import TensorSource, read_config, resolve_source
 from .writer import ShardedWriter, atomic_output, check_output, copy_side_files, write_json
@@ -83,6 +86,48 @@ def check_target(src: Source, target: str) -> None:
             f"model_type {src.config.get('model_type')!r}: --target {target} is not available "
             f"for this architecture (available: {have}); see docs/architectures.md"
         )
+
+
+def layer_counts(src: Source, recipe: Recipe) -> list[int]:
+    """KV heads per layer from --kv-heads or --kv-heads-per-layer (--kv-budget: all, for now)."""
+    if recipe.kv_heads_per_layer is not None:
+        return budget_mod.parse_heads_per_layer(
+            recipe.kv_heads_per_layer, src.num_layers, src.num_kv_heads
+        )
+    if recipe.kv_budget is not None:
+        budget_mod.budget_heads(recipe.kv_budget, src.num_layers, src.num_kv_heads)
+        counts = [src.num_kv_heads] * src.num_layers
+    else:
+        check_kv_heads(src, recipe.kv_heads)
+        counts = [recipe.kv_heads] * src.num_layers
+    if needs_remote_code(recipe, counts) or recipe.kv_budget is not None:
+        model_type = src.config.get("model_type")
+        if model_type not in remote.SUPPORTED:
+            raise KVConvertError(
+                f"--rope-keys project and per-layer KV heads are not available for {model_type!r} "
+                f"yet (supported: {', '.join(remote.SUPPORTED)})"
+            )
+    return counts
+
+
+def target_report(
+    src: Source,
+    recipe: Recipe,
+    counts: list[int],
+    use_remote: bool,
+    allocation: budget_mod.Allocation | None,
+) -> dict[str, Any]:
+    """kvconvert.json "target": per-layer counts, key projection, and the budget's evidence."""
+    out: dict[str, Any] = {
+        "kind": "gqa",
+        "num_key_value_heads": counts[0] if len(set(counts)) == 1 else counts,
+        "remote_code": use_remote,
+    }
+    if recipe.rope_keys == "project":
+        out["key_projection_heads"] = [src.num_kv_heads] * src.num_layers
+    if allocation is not None:
+        out["budget"] = {"fraction": recipe.kv_budget, **allocation.to_dict()}
+    return out
 
 
 def check_kv_heads(src: Source, kv_heads: int) -> None:
@@ -158,16 +203,122 @@ def calibration_tokens(
 
 @torch.inference_mode()
 def collect_stats(
-    model: torch.nn.Module, src: Source, tokens: torch.Tensor, batch_size: int, progress: bool
+    model: torch.nn.Module,
+    src: Source,
+    tokens: torch.Tensor,
+    batch_size: int,
+    progress: bool,
+    rotated: bool = False,
 ) -> dict[int, LayerStats]:
+    """Per-layer second moments; ``rotated``: keys and queries after RoPE (--rope-keys project)."""
     device = next(model.parameters()).device
-    with StatsCollector(model, src.adapter, src.config) as col:
+    collector = RotatedStatsCollector if rotated else StatsCollector
+    with collector(model, src.adapter, src.config) as col:
         n = (tokens.shape[0] + batch_size - 1) // batch_size
         for batch in tqdm(
             batches(tokens, batch_size), total=n, desc="calibrating", disable=not progress
         ):
             model(input_ids=batch.to(device), use_cache=False)
     return col.result()
+
+
+# --- per-layer head counts -------------------------------------------------------------------
+def solve_layer(
+    src: Source,
+    recipe: Recipe,
+    stats: dict[int, LayerStats] | None,
+    device: torch.device,
+    layer: int,
+    kv_heads: int,
+) -> LayerResult:
+    """Merge one layer to ``kv_heads`` KV heads with the recipe's method (float64 result)."""
+    w = to_float64(src.layer_weights(layer), device)
+    st = stats.get(layer) if stats else None
+    if recipe.rope_keys == "project":
+        return project_layer(
+            w,
+            st,
+            src.shape,
+            kv_heads,
+            recipe.method,
+            recipe.objective,
+            recipe.grouping,
+            recipe.seed,
+        )
+    return merge_layer(
+        w,
+        st,
+        src.shape,
+        kv_heads,
+        recipe.method,
+        recipe.rope_keys,
+        recipe.objective,
+        recipe.grouping,
+        recipe.seed,
+    )
+
+
+def layer_tensors(res: LayerResult) -> dict[str, torch.Tensor | None]:
+    """Module-relative names (q_proj.weight, ..., key_down) of a solved layer's tensors."""
+    out = {f"{k[0]}_proj.{k[2:]}": v for k, v in res.weights.items().items()}
+    if isinstance(res, ProjectedLayerResult):
+        out.update(res.extra_tensors())
+    return out
+
+
+def attention_path(src: Source, layer: int) -> str:
+    """Name of layer's attention module, e.g. model.layers.3.self_attn."""
+    return src.adapter.module_name(layer, "q").rsplit(".", 1)[0]
+
+
+def remote_config(src: Source, recipe: Recipe, counts: list[int]) -> dict[str, Any]:
+    proj = [src.num_kv_heads if recipe.rope_keys == "project" else 0] * src.num_layers
+    biases = {p: src.adapter.tensor_name(0, p, "bias") in src.tensors for p in "qkvo"}
+    return remote.remote_config(src.config, counts, proj, biases)
+
+
+def needs_remote_code(recipe: Recipe, counts: list[int]) -> bool:
+    """Per-layer head counts or projected keys: no stock class can load the result."""
+    return recipe.rope_keys == "project" or len(set(counts)) > 1
+
+
+def allocate_budget(
+    model: torch.nn.Module,
+    src: Source,
+    recipe: Recipe,
+    stats: dict[int, LayerStats] | None,
+    tokens: torch.Tensor,
+    device: torch.device,
+    progress: bool,
+) -> budget_mod.Allocation:
+    """--kv-budget: measure each layer's sensitivity on calibration data, then solve."""
+    kv = src.num_kv_heads
+    base = remote_config(src, recipe, [kv] * src.num_layers)
+    impl = model.config._attn_implementation
+    dtype = next(model.parameters()).dtype
+
+    def swap(i: int, c: int):
+        cfg = dict(base, num_key_value_heads=[kv] * src.num_layers)
+        cfg["num_key_value_heads"][i] = c
+        res = solve_layer(src, recipe, stats, device, i, c)
+        tensors = {k: v for k, v in layer_tensors(res).items() if v is not None}
+        attn = remote.attention_module(cfg, i, tensors, impl).to(device=device, dtype=dtype)
+        parent_name, attr = attention_path(src, i).rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        setattr(parent, attr, attn)
+        return lambda: setattr(parent, attr, old)
+
+    sens = budget_mod.measure_sensitivities(
+        model,
+        tokens[: recipe.budget_samples],
+        src.num_layers,
+        budget_mod.divisors(kv),
+        swap,
+        recipe.batch_size,
+        progress,
+    )
+    return budget_mod.allocate(sens, kv, recipe.kv_budget)
 
 
 # --- stage 3 + 4: solve and write -----------------------------------------------------------
@@ -179,6 +330,7 @@ def solved_tensors(
     out_dtype: torch.dtype | None,
     results: dict[int, LayerResult],
     progress: bool,
+    counts: list[int],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every output tensor in checkpoint order: attention layers solved lazily, one at a time.
 
@@ -201,17 +353,7 @@ def solved_tensors(
         i, key = owner[name]
         if i not in pending:
             w = src.layer_weights(i)
-            res = merge_layer(
-                to_float64(w, device),
-                stats.get(i) if stats else None,
-                src.shape,
-                recipe.kv_heads,
-                recipe.method,
-                recipe.rope_keys,
-                recipe.objective,
-                recipe.grouping,
-                recipe.seed,
-            )
+            res = solve_layer(src, recipe, stats, device, i, counts[i])
             new = res.weights.items()
             bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
             if bad:
@@ -228,6 +370,9 @@ def solved_tensors(
         remaining[i] -= 1
         if remaining[i] == 0:
             del pending[i]
+            if isinstance(results[i], ProjectedLayerResult):  # run-time key projection
+                for extra, t in results[i].extra_tensors().items():
+                    yield f"{attention_path(src, i)}.{extra}", t.to(out_dtype or src.dtype)
     bar.close()
 
 
@@ -263,17 +408,23 @@ def _convert(
         from .pod.convert import convert_pod
 
         return convert_pod(recipe, src, output, progress, command, t0)
-    check_kv_heads(src, recipe.kv_heads)
+    counts = layer_counts(src, recipe)
     device = resolve_device(recipe.device)
     out_dtype = None if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
     torch.manual_seed(recipe.seed)
 
     stats, calib_info = None, {"source": "none (data-free method)", "sequences": 0, "seq_len": 0}
-    if recipe.method == "svd":
+    allocation = None
+    if recipe.method == "svd" or recipe.kv_budget is not None:
         compute_dtype = torch.float32 if device.type == "cpu" else src.dtype
         model = load_model(src.folder, device, compute_dtype, recipe.trust_remote_code)
         tokens = calibration_tokens(recipe, model, src, progress)
-        stats = collect_stats(model, src, tokens, recipe.batch_size, progress)
+        if recipe.method == "svd":
+            rotated = recipe.rope_keys == "project"
+            stats = collect_stats(model, src, tokens, recipe.batch_size, progress, rotated)
+        if recipe.kv_budget is not None:
+            allocation = allocate_budget(model, src, recipe, stats, tokens, device, progress)
+            counts = allocation.counts
         calib_info = {
             "source": recipe.calibration,
             "sequences": int(tokens.shape[0]),
@@ -287,11 +438,17 @@ def _convert(
     with atomic_output(output, recipe.overwrite) as work:
         writer = ShardedWriter(work, parse_size(recipe.max_shard_size))
         for name, tensor in solved_tensors(
-            src, recipe, stats, device, out_dtype, results, progress
+            src, recipe, stats, device, out_dtype, results, progress, counts
         ):
             writer.add(name, tensor)
         shards = writer.finish()
-        config = src.adapter.set_kv_heads(src.config, recipe.kv_heads)
+        use_remote = needs_remote_code(recipe, counts)
+        if use_remote:
+            config = remote_config(src, recipe, counts)
+            model_files = remote.copy_model_files(work)
+        else:
+            config = src.adapter.set_kv_heads(src.config, counts[0])
+            model_files = []
         if out_dtype is not None:
             config["dtype"] = recipe.dtype
             config.pop("torch_dtype", None)
@@ -312,7 +469,7 @@ def _convert(
                 "head_dim": src.head_dim,
                 "num_layers": src.num_layers,
             },
-            "target": {"kind": "gqa", "num_key_value_heads": recipe.kv_heads},
+            "target": target_report(src, recipe, counts, use_remote, allocation),
             "calibration": calib_info,
             "layers": [
                 {
@@ -327,12 +484,10 @@ def _convert(
                 "before": report_mod.kv_bytes_per_token(
                     [src.num_kv_heads] * src.num_layers, src.head_dim, src.dtype
                 ),
-                "after": report_mod.kv_bytes_per_token(
-                    [recipe.kv_heads] * src.num_layers, src.head_dim, final_dtype
-                ),
+                "after": report_mod.kv_bytes_per_token(counts, src.head_dim, final_dtype),
                 "dtype": str(final_dtype).removeprefix("torch."),
             },
-            "files": {"weights": shards, "copied": side},
+            "files": {"weights": shards, "copied": side, "model_code": model_files},
             "timing_s": {
                 "calibration": round(t_calib, 3),
                 "total": round(time.perf_counter() - t0, 3),

@@ -18,7 +18,7 @@ from .gqa.grouping import GROUPINGS
 from .gqa.solve import METHODS
 
 TARGETS = ("gqa", "pod", "gqa,pod")
-ROPE_KEYS = ("complex", "real")
+ROPE_KEYS = ("complex", "real", "project")
 OBJECTIVES = ("output", "plain")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -53,6 +53,20 @@ class Recipe:
     kv_heads: int | None = option(
         None, "KV heads per layer after merging; must divide the current count.", type=int
     )
+    kv_heads_per_layer: str | None = option(
+        None,
+        "Comma-separated KV heads for each layer, e.g. 4,2,2,1,1 (each divides the current "
+        "count); instead of --kv-heads. Non-uniform counts need trust_remote_code to load.",
+    )
+    kv_budget: float | None = option(
+        None,
+        "Fraction of the KV cache to keep, e.g. 0.5; each layer's head count is chosen from "
+        "its measured sensitivity (least total KL). Instead of --kv-heads.",
+        type=float,
+    )
+    budget_samples: int = option(
+        8, "Calibration sequences used to measure layer sensitivities for --kv-budget.", type=int
+    )
     method: str = option(
         "svd",
         "mean: average the group (baseline); svd-weights: SVD of the weights, no data; "
@@ -62,7 +76,8 @@ class Recipe:
     rope_keys: str = option(
         "complex",
         "complex: per-frequency complex merge that commutes with RoPE (exact fold); "
-        "real: real PCA that ignores RoPE (baseline, not exact).",
+        "real: real PCA that ignores RoPE (baseline, not exact); project: the GQA paper's "
+        "PCA of keys after RoPE, applied at run time (remote code, full-width k_proj).",
         ROPE_KEYS,
     )
     objective: str = option(
@@ -140,9 +155,21 @@ class Recipe:
                 raise KVConvertError(
                     f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
-        if self.target in ("gqa", "gqa,pod") and self.kv_heads is None:
-            raise KVConvertError(f"kv_heads: --target {self.target} needs --kv-heads N")
-        for key in ("kv_heads", "num_samples", "seq_len", "batch_size"):
+        given = [k for k in ("kv_heads", "kv_heads_per_layer", "kv_budget") if getattr(self, k)]
+        if self.target == "gqa" and len(given) != 1:
+            raise KVConvertError(
+                "kv_heads: --target gqa needs --kv-heads N, or instead exactly one of "
+                "--kv-heads-per-layer LIST, --kv-budget FRACTION"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.target == "gqa,pod" and (given != ["kv_heads"] or self.rope_keys == "project"):
+            raise KVConvertError(
+                "kv_heads: --target gqa,pod needs --kv-heads N (uniform heads; per-layer budgets "
+                "and --rope-keys project are not combined with PoD)"
+            )
+        if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
+            raise KVConvertError(f"kv_budget: must be in (0, 1], got {self.kv_budget!r}")
+        for key in ("kv_heads", "num_samples", "seq_len", "batch_size", "budget_samples"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")

@@ -1,0 +1,87 @@
+"""Turn a source config into the remote-code config, and put the model files into an output.
+
+Lives beside the model files but is not copied: only ``configuration_kvconvert.py`` and
+``modeling_kvconvert.py`` go into checkpoints.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import AUTO_MAP, FILES, FOLDER
+
+#: model_types whose decoder the remote-code model reproduces (RMSNorm, gated MLP, RoPE).
+SUPPORTED = ("llama", "mistral", "qwen2")
+_DROP = ("architectures", "auto_map", "attention_bias", "model_type", "use_sliding_window")
+
+
+def layer_types(config: dict[str, Any]) -> list[str]:
+    """Per-layer attention kind as the source model applies it."""
+    n = int(config["num_hidden_layers"])
+    if config.get("layer_types"):
+        return list(config["layer_types"])
+    if config.get("use_sliding_window") is False or not config.get("sliding_window"):
+        return ["full_attention"] * n
+    return ["sliding_attention"] * n
+
+
+def remote_config(
+    config: dict[str, Any],
+    kv_heads: list[int],
+    key_projection_heads: list[int],
+    biases: dict[str, bool],
+) -> dict[str, Any]:
+    """config.json for a KVConvertForCausalLM converted from ``config`` (a source config dict).
+
+    Everything the source declares is kept (rope settings, token ids, dtype...); the model
+    type becomes ``kvconvert`` with the source's recorded in ``base_model_type``.
+    """
+    out = {k: v for k, v in config.items() if k not in _DROP}
+    types = layer_types(config)
+    if "sliding_attention" not in types:
+        out["sliding_window"] = None
+    out.update(
+        model_type="kvconvert",
+        base_model_type=config.get("model_type"),
+        architectures=["KVConvertForCausalLM"],
+        auto_map=dict(AUTO_MAP),
+        num_key_value_heads=[int(k) for k in kv_heads],
+        key_projection_heads=[int(p) for p in key_projection_heads],
+        layer_types=types,
+        **{f"{p}_bias": bool(biases.get(p, False)) for p in "qkvo"},
+    )
+    return out
+
+
+def copy_model_files(folder: Path) -> list[str]:
+    for name in FILES:
+        shutil.copy2(FOLDER / name, folder / name)
+    return list(FILES)
+
+
+def attention_module(
+    config: dict[str, Any],
+    layer: int,
+    tensors: dict[str, Any],
+    attn_implementation: str | None,
+):
+    """A KVConvertAttention for ``layer`` holding ``tensors`` (q/k/v/o weights, biases, and
+    key_down/query_down), configured by a remote ``config`` dict; used in-process to measure a
+    merged layer inside the calibration model (the stock decoder layer calls it the same way).
+    """
+    import torch
+
+    from .configuration_kvconvert import KVConvertConfig
+    from .modeling_kvconvert import KVConvertAttention
+
+    cfg = KVConvertConfig(**{k: v for k, v in config.items() if k != "auto_map"})
+    cfg._attn_implementation = attn_implementation
+    attn = KVConvertAttention(cfg, layer)
+    params = dict(attn.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if value is not None:
+                params[name].copy_(value)
+    return attn
