@@ -1,17 +1,20 @@
 """Command line: thin Click wrappers that turn flags into a Recipe and call the Python API.
 
 ``kvconvert MODEL --target gqa --kv-heads N -o OUT`` is the ``convert`` command; naming it is
-optional, so other verbs (``demo``, ``push``, and later ``eval``, ``heal``) live beside it.
+optional, so other verbs (``demo``, ``eval``, ``inspect``, ``push``) live beside it.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import click
 
 from .errors import KVConvertError
+from .evaluate import EvalSettings
 from .recipe import LOCAL_ONLY, Recipe, load_recipe_file
 
 
@@ -33,6 +36,7 @@ def main() -> None:
     kvconvert MODEL --target gqa --kv-heads N -o OUT    (same as: kvconvert convert ...)
     kvconvert --recipe FILE.yaml -o OUT                 a conversion from a recipe file
     kvconvert push OUT user/name                        upload an output to the Hub
+    kvconvert eval ORIGINAL CONVERTED [...]             side-by-side numbers
     kvconvert demo -o DIR                               offline end-to-end demo
     kvconvert inspect MODEL                             is MODEL supported, and how
     """
@@ -40,7 +44,16 @@ def main() -> None:
 
 def recipe_options(func):  # noqa: ANN001, ANN201 - decorator
     """Add one Click option per Recipe field (the Recipe is the single source of options)."""
-    for f in reversed(fields(Recipe)):
+    return dataclass_options(Recipe)(func)
+
+
+def dataclass_options(cls: type):  # noqa: ANN201 - decorator factory
+    """Add one Click option per field of ``cls``, from the fields' ``option(...)`` metadata."""
+    return lambda func: _add_options(cls, func)
+
+
+def _add_options(cls: type, func):  # noqa: ANN001, ANN202
+    for f in reversed(fields(cls)):
         meta = f.metadata
         if meta.get("cli") == "argument":  # optional on the command line: a recipe can give it
             func = click.argument(f.name, required=False)(func)
@@ -205,6 +218,43 @@ def inspect_cmd(model: str, revision: str | None, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
     if not info["supported"]:
         sys.exit(1)
+
+
+@main.command("eval")
+@click.argument("original")
+@click.argument("converted", nargs=-1, required=True)
+@dataclass_options(EvalSettings)
+@click.option("--json", "json_path", default=None, help="Also write the results to this JSON file.")
+@click.option("--plot", "plot_path", default=None, help="Also draw a PNG (needs matplotlib).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(
+    original: str,
+    converted: tuple[str, ...],
+    json_path: str | None,
+    plot_path: str | None,
+    quiet: bool,
+    **options: object,
+) -> None:
+    """Compare CONVERTED model(s) with ORIGINAL: KL, perplexity, measured KV bytes, speed,
+    retrieval. See docs/evaluation.md for what each number means and the JSON schema."""
+    from .evaluate import evaluate, format_table, require_matplotlib, write_plot
+    from .pipeline import command_line
+
+    if plot_path:
+        _run(require_matplotlib)
+    settings = EvalSettings(**options)  # type: ignore[arg-type]
+    doc = _run(
+        lambda: evaluate(
+            original, list(converted), settings, progress=not quiet, command=command_line()
+        )
+    )
+    click.echo(format_table(doc))
+    if json_path:
+        Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        _run(lambda: write_plot(doc, plot_path))
+        click.echo(f"wrote {plot_path}", err=True)
 
 
 def _run(fn):  # noqa: ANN001, ANN202 - tiny helper

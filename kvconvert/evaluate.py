@@ -1,9 +1,115 @@
-"""Fidelity and memory measurements shared by the demo, the tests and benchmarks."""
+"""``kvconvert eval``: a converted checkpoint's numbers side by side with its original.
+
+Fidelity (KL to the original and perplexity on the same tokens), KV cache bytes measured from
+the real cache object after a prefill, prefill/decode speed (interleaved runs, median) and a
+retrieval probe (passkey for models with a tokenizer, a copy task on token ids otherwise).
+
+Nothing here reads the config to predict the cache: bytes are summed over every tensor the
+cache's layers hold, so custom caches of remote-code outputs (per-layer KV heads, PoD layers
+whose keys and values differ in length) are measured the same way as ``DynamicCache``.
+The original stays loaded; each converted model is loaded once, measured and released.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import random
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import KVConvertError
+from .recipe import DEVICES, DTYPES, option
+
+#: Version of the ``--json`` schema (docs/evaluation.md); bumped on any incompatible change.
+SCHEMA_VERSION = 1
+
+PASSKEY_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+
+
+@dataclass
+class EvalSettings:
+    """Every option of ``kvconvert eval``; each field's metadata is its CLI flag's help."""
+
+    data: str = option(
+        "self",
+        "Evaluation tokens: 'self' (sampled from the original, seeded, disjoint from the "
+        "calibration seed), a .txt file or folder, a .jsonl (text or input_ids), or a Hub "
+        "dataset id.",
+    )
+    num_samples: int = option(16, "Evaluation sequences for KL and perplexity.", type=int)
+    seq_len: int = option(128, "Tokens per evaluation sequence.", type=int)
+    batch_size: int = option(8, "Sequences per forward pass.", type=int)
+    seed: int = option(
+        1234,
+        "Seed for evaluation data, passkeys and copy spans (keep it apart from --seed "
+        "of the conversion).",
+        type=int,
+    )
+    text_field: str = option("text", "Field holding the text in .jsonl evaluation data.")
+    context: int = option(
+        1024,
+        "Prompt length for KV bytes, speed and retrieval (capped at the model's "
+        "max_position_embeddings minus --new-tokens).",
+        type=int,
+    )
+    new_tokens: int = option(32, "Tokens decoded after the prompt for decode speed.", type=int)
+    repeats: int = option(
+        3, "Timed runs per model (interleaved); the median is reported.", type=int
+    )
+    depths: str = option(
+        "0,0.25,0.5,0.75,1", "Retrieval depths: where the passkey or copied span sits (0 = start)."
+    )
+    trials: int = option(4, "Retrieval prompts per depth.", type=int)
+    device: str = option("auto", "Where models run (auto: CUDA if available).", DEVICES)
+    dtype: str = option("auto", "Dtype models are loaded in (auto: the checkpoint's).", DTYPES)
+    trust_remote_code: bool = option(
+        False,
+        "Allow models' own code to run. kvconvert outputs (kvconvert.json + auto_map) are "
+        "trusted without it; anything else is not.",
+    )
+
+    def validate(self) -> EvalSettings:
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise KVConvertError(
+                    f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(allowed)}"
+                )
+        for key in ("num_samples", "seq_len", "batch_size", "context", "new_tokens", "repeats"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
+        if self.seq_len < 2:
+            raise KVConvertError("seq_len: must be at least 2")
+        if self.trials < 0:
+            raise KVConvertError(f"trials: must be 0 or more, got {self.trials!r}")
+        self.depth_list()
+        return self
+
+    def depth_list(self) -> list[float]:
+        try:
+            out = [float(x) for x in str(self.depths).split(",") if x.strip()]
+        except ValueError:
+            raise KVConvertError(f"depths: cannot read {self.depths!r} (e.g. 0,0.5,1)") from None
+        if not out or any(not 0 <= d <= 1 for d in out):
+            raise KVConvertError(f"depths: give fractions between 0 and 1, got {self.depths!r}")
+        return out
+
+
+# --- measurements usable on their own (tests, demo, benchmarks) ------------------------------
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -14,41 +120,525 @@ def kl_per_token(
     batch_size: int = 8,
 ) -> float:
     """Mean KL(reference || candidate) of next-token distributions, nats per token."""
-    total, count = 0.0, 0
-    dev_r = next(reference.parameters()).device
-    dev_c = next(candidate.parameters()).device
-    for i in range(0, tokens.shape[0], batch_size):
-        b = tokens[i : i + batch_size]
-        lp = F.log_softmax(reference(input_ids=b.to(dev_r)).logits.double(), dim=-1)
-        lq = F.log_softmax(candidate(input_ids=b.to(dev_c)).logits.double(), dim=-1).to(lp.device)
-        total += float((lp.exp() * (lp - lq)).sum())
-        count += b.numel()
-    return total / max(count, 1)
+    return fidelity(reference, candidate, tokens, batch_size)["kl"]
 
 
 @torch.inference_mode()
 def nll_per_token(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token negative log-likelihood, nats per token (exp() is perplexity)."""
     total, count = 0.0, 0
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     for i in range(0, tokens.shape[0], batch_size):
         b = tokens[i : i + batch_size].to(dev)
-        logits = model(input_ids=b).logits[:, :-1].double()
-        total += float(F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum"))
+        total += float(_nll_sum(model(input_ids=b).logits, b))
         count += b[:, 1:].numel()
     return total / max(count, 1)
 
 
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    lg = logits[:, :-1].double()
+    return F.cross_entropy(lg.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+
+
+@torch.inference_mode()
+def fidelity(
+    reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor, batch_size: int
+) -> dict[str, float]:
+    """KL(reference || candidate) per token and both models' NLL per token, one pass each."""
+    kl = nll_r = nll_c = 0.0
+    n_kl = n_nll = 0
+    dev_r, dev_c = model_device(reference), model_device(candidate)
+    for i in range(0, tokens.shape[0], batch_size):
+        b = tokens[i : i + batch_size]
+        lr = reference(input_ids=b.to(dev_r)).logits
+        lc = candidate(input_ids=b.to(dev_c)).logits.to(lr.device)
+        lp, lq = F.log_softmax(lr.double(), dim=-1), F.log_softmax(lc.double(), dim=-1)
+        kl += float((lp.exp() * (lp - lq)).sum())
+        bd = b.to(lr.device)
+        nll_r += float(_nll_sum(lr, bd))
+        nll_c += float(_nll_sum(lc, bd))
+        n_kl += b.numel()
+        n_nll += b[:, 1:].numel()
+    return {"kl": kl / max(n_kl, 1), "nll_reference": nll_r / n_nll, "nll": nll_c / n_nll}
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of every tensor held by a cache's layers (each distinct tensor counted once).
+
+    Works for ``DynamicCache`` and for custom caches whose layers hold other or differently
+    sized tensors (e.g. PoD layers that keep values only), and for legacy tuple caches.
+    0-dim tensors (counters such as a sliding layer's window size) are not cache storage.
+    """
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    total = 0
+
+    def add(obj: Any, depth: int = 0) -> None:
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            key = (obj.data_ptr(), tuple(obj.shape))
+            if obj.dim() and obj.numel() and key not in seen:  # 0-dim: bookkeeping scalars
+                seen.add(key)
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, (list, tuple)) and depth < 3:
+            for x in obj:
+                add(x, depth + 1)
+        elif isinstance(obj, dict) and depth < 3:
+            for x in obj.values():
+                add(x, depth + 1)
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # legacy: tuple of (keys, values) per layer
+        add(cache)
+        return total
+    for layer in layers:
+        for value in vars(layer).values():
+            add(value)
+    return total
+
+
 @torch.inference_mode()
 def kv_cache_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
-    """Bytes held by the real cache object after a prefill of ``input_ids`` (keys + values)."""
-    dev = next(model.parameters()).device
-    out = model(input_ids=input_ids.to(dev), use_cache=True)
-    total = 0
-    for layer in out.past_key_values.layers:
-        # cache layers that hold more than keys/values (PoD's windowed keys) list them all
-        tensors = layer.cached_tensors() if hasattr(layer, "cached_tensors") else ()
-        for t in tensors or (layer.keys, layer.values):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes held by the real cache object after a prefill of ``input_ids``."""
+    out = model(input_ids=input_ids.to(model_device(model)), use_cache=True)
+    return cache_bytes(out.past_key_values)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def prefill_decode(
+    model: torch.nn.Module, ids: torch.Tensor, new_tokens: int
+) -> tuple[float, float, int, torch.Tensor]:
+    """Greedy: prefill ``ids`` then decode ``new_tokens``.
+
+    Returns (prefill seconds, decode seconds, cache bytes right after the prefill, new ids).
+    The decode loop stays on the device (no host sync per token except on CUDA timing).
+    """
+    dev = model_device(model)
+    ids = ids.to(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    _sync(dev)
+    t1 = time.perf_counter()
+    cache = out.past_key_values
+    nbytes = cache_bytes(cache)
+    nxt = out.logits[:, -1:].argmax(-1)
+    gen = [nxt]
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        gen.append(nxt)
+    _sync(dev)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, nbytes, torch.cat(gen, dim=1)
+
+
+# --- retrieval probes ------------------------------------------------------------------------
+def passkey_prompt(tokenizer: Any, context: int, depth: float, key: int) -> list[int]:
+    """Filler text of about ``context`` tokens with the passkey sentence at ``depth``."""
+    intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it. "
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "What is the pass key? The pass key is"
+
+    def n(s: str) -> int:
+        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    room = context - n(intro) - n(needle) - n(question) - 4
+    reps = max(room // max(n(PASSKEY_FILLER), 1), 1)
+    k = round(depth * reps)
+    text = intro + PASSKEY_FILLER * k + needle + PASSKEY_FILLER * (reps - k) + question
+    return tokenizer(text)["input_ids"][-context:]
+
+
+def copy_prompt(
+    filler: torch.Tensor, context: int, depth: float, span: list[int], prefix: int, bos: int
+) -> list[int]:
+    """Token-id retrieval: ``span`` hidden at ``depth`` in filler, its first ``prefix`` ids
+    repeated at the end; the model should continue with the rest of the span."""
+    n_fill = max(context - 1 - len(span) - prefix, 1)
+    reps = math.ceil(n_fill / filler.numel())
+    fill = filler.repeat(reps)[:n_fill].tolist()
+    k = round(depth * n_fill)
+    return [bos, *fill[:k], *span, *fill[k:], *span[:prefix]]
+
+
+COPY_SPAN, COPY_PREFIX = 16, 4
+
+
+def retrieval_tasks(
+    settings: EvalSettings,
+    context: int,
+    tokenizer: Any | None,
+    filler: torch.Tensor,
+    vocab_size: int,
+    bos: int,
+) -> dict[str, Any]:
+    """The prompts and expected answers for every depth (the same for every model)."""
+    rng = random.Random(settings.seed)
+    depths = settings.depth_list()
+    prompts: list[list[tuple[list[int], Any]]] = []
+    for d in depths:
+        row = []
+        for _ in range(settings.trials):
+            if tokenizer is not None:
+                key = rng.randint(10000, 99999)
+                row.append((passkey_prompt(tokenizer, context, d, key), key))
+            else:
+                span = [rng.randrange(3, vocab_size) for _ in range(COPY_SPAN)]
+                row.append(
+                    (copy_prompt(filler, context, d, span, COPY_PREFIX, bos), span[COPY_PREFIX:])
+                )
+        prompts.append(row)
+    if tokenizer is not None:
+        kind, metric = "passkey", "exact match of the 5-digit key"
+    else:
+        kind = "copy"
+        metric = f"token accuracy continuing a {COPY_SPAN}-id span from its first {COPY_PREFIX}"
+    return {"task": kind, "metric": metric, "depths": depths, "prompts": prompts}
+
+
+@torch.inference_mode()
+def run_retrieval(model: torch.nn.Module, tasks: dict[str, Any], tokenizer: Any | None) -> dict:
+    dev = model_device(model)
+    acc = []
+    for row in tasks["prompts"]:
+        scores = []
+        for prompt, answer in row:
+            ids = torch.tensor([prompt], device=dev)
+            if tasks["task"] == "passkey":
+                _, _, _, gen = prefill_decode(model, ids, 8)
+                m = re.search(r"\d+", tokenizer.decode(gen[0].tolist()))
+                scores.append(float(m is not None and m.group() == str(answer)))
+            else:
+                _, _, _, gen = prefill_decode(model, ids, len(answer))
+                got = gen[0].tolist()
+                scores.append(sum(a == b for a, b in zip(got, answer, strict=True)) / len(answer))
+        acc.append(sum(scores) / len(scores) if scores else None)
+    return {
+        "task": tasks["task"],
+        "metric": tasks["metric"],
+        "depths": tasks["depths"],
+        "trials": len(tasks["prompts"][0]) if tasks["prompts"] else 0,
+        "accuracy": acc,
+    }
+
+
+# --- the command -----------------------------------------------------------------------------
+def is_kvconvert_output(folder: Path) -> bool:
+    """A kvconvert output with remote code: its own report plus an ``auto_map``."""
+    cfg = folder / "config.json"
+    if not ((folder / "kvconvert.json").is_file() and cfg.is_file()):
+        return False
+    try:
+        return "auto_map" in json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def resolve_model(name: str, progress: bool) -> Path:
+    """Local folder for a path or Hub id (fetching *.py is harmless; running it is gated)."""
+    from .source import read_config, resolve_source
+
+    folder = resolve_source(name, None, True, progress)
+    read_config(folder)
+    return folder
+
+
+def load_eval_model(
+    name: str, device: torch.device, dtype: str, trust_remote_code: bool, progress: bool
+) -> tuple[torch.nn.Module, Path]:
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model(name, progress)
+    trust = trust_remote_code or is_kvconvert_output(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+            trust_remote_code=trust,
+            device_map=str(device) if device.type != "cpu" else None,
+        )
+    except Exception as e:  # noqa: BLE001 - one clear line for any loader failure
+        hint = "" if trust else " (if it needs its own code, pass --trust-remote-code)"
+        raise KVConvertError(f"cannot load {name}: {str(e).splitlines()[0]}{hint}") from e
+    return model.to(device).eval(), folder
+
+
+def _conversion_info(folder: Path) -> dict[str, Any] | None:
+    p = folder / "kvconvert.json"
+    if not p.is_file():
+        return None
+    rep = json.loads(p.read_text())
+    return {
+        "target": rep.get("target"),
+        "method": (rep.get("recipe") or {}).get("method"),
+        "layers": rep.get("layers", []),
+    }
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    v = getattr(cfg, "max_position_embeddings", None)
+    return int(v) if isinstance(v, int) else None
+
+
+def evaluation_tokens(
+    settings: EvalSettings, model: torch.nn.Module, folder: Path, tokenizer: Any | None, bos: int
+) -> torch.Tensor:
+    from .calibration.data import load_documents, sample_from_model, tokenize_documents
+
+    if settings.data == "self":
+        return sample_from_model(
+            model, bos, settings.num_samples, settings.seq_len, settings.batch_size, settings.seed
+        ).cpu()
+    docs = load_documents(settings.data, settings.text_field)
+    return tokenize_documents(
+        docs, tokenizer, settings.num_samples, settings.seq_len, settings.seed
+    )
+
+
+def evaluate(
+    original: str,
+    converted: list[str],
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Measure ``original`` and each of ``converted``; return the ``--json`` document."""
+    from .pipeline import bos_token_id, load_tokenizer, quiet_libraries, resolve_device
+    from .report import versions
+
+    settings = (settings or EvalSettings()).validate()
+    if not converted:
+        raise KVConvertError("eval needs the original and at least one converted model")
+    if not progress:
+        quiet_libraries()
+    device = resolve_device(settings.device)
+    for name in (original, *converted):  # fail before any work on a missing model
+        resolve_model(name, progress)
+    torch.manual_seed(settings.seed)
+    orig, orig_dir = load_eval_model(
+        original, device, settings.dtype, settings.trust_remote_code, progress
+    )
+    tokenizer = load_tokenizer(orig_dir, settings.trust_remote_code)
+    cfg = json.loads((orig_dir / "config.json").read_text())
+    bos = bos_token_id(orig_dir, cfg, tokenizer)
+    tokens = evaluation_tokens(settings, orig, orig_dir, tokenizer, bos)
+    max_pos = _max_positions(orig)
+    context = settings.context
+    if max_pos is not None:
+        context = max(min(context, max_pos - settings.new_tokens), 2)
+    gen = torch.Generator().manual_seed(settings.seed)
+    text_cfg = getattr(orig.config, "get_text_config", lambda: orig.config)()
+    vocab = int(text_cfg.vocab_size)
+    speed_ids = torch.randint(3, vocab, (1, context), generator=gen)
+    speed_ids[0, 0] = bos
+    tasks = retrieval_tasks(settings, context, tokenizer, tokens.flatten(), vocab, bos)
+
+    # Warm up once, then per-model lists of timings; the original is timed next to each model.
+    prefill_decode(orig, speed_ids[:, : min(context, 16)], 2)
+    times: dict[int, list[tuple[float, float]]] = {0: []}
+    kv_ctx: dict[int, int] = {}
+    results: list[dict[str, Any]] = [
+        _model_entry(original, "original", orig, orig_dir, tokens, context, settings)
+    ]
+    bar = tqdm(total=len(converted), desc="evaluating", unit="model", disable=not progress)
+    for idx, name in enumerate(converted, 1):
+        conv, conv_dir = load_eval_model(
+            name, device, settings.dtype, settings.trust_remote_code, progress
+        )
+        entry = _model_entry(name, "converted", conv, conv_dir, tokens, context, settings)
+        fid = fidelity(orig, conv, tokens, settings.batch_size)
+        entry["kl"], entry["nll"] = fid["kl"], fid["nll"]
+        results[0]["nll"] = fid["nll_reference"]
+        prefill_decode(conv, speed_ids[:, : min(context, 16)], 2)
+        times[idx] = []
+        for _ in range(settings.repeats):  # interleaved: original, converted, original, ...
+            for j, m in ((0, orig), (idx, conv)):
+                tp, td, nbytes, _ = prefill_decode(m, speed_ids, settings.new_tokens)
+                times[j].append((tp, td))
+                kv_ctx[j] = nbytes
+        entry["retrieval"] = run_retrieval(conv, tasks, tokenizer) if settings.trials else None
+        results.append(entry)
+        del conv
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        bar.update(1)
+    bar.close()
+    results[0]["retrieval"] = run_retrieval(orig, tasks, tokenizer) if settings.trials else None
+    ref_bytes = results[0]["kv_bytes_per_token"]
+    for j, entry in enumerate(results):
+        tp = statistics.median(t[0] for t in times[j])
+        td = statistics.median(t[1] for t in times[j])
+        entry["kv_bytes_at_context"] = kv_ctx[j]
+        entry["kv_ratio"] = entry["kv_bytes_per_token"] / ref_bytes if ref_bytes else None
+        entry["ppl"] = math.exp(entry["nll"])
+        entry["prefill_tok_s"] = context / tp
+        entry["decode_tok_s"] = (settings.new_tokens - 1) / td if settings.new_tokens > 1 else None
+        entry["timed_runs"] = len(times[j])
+    return {
+        "kvconvert_eval": SCHEMA_VERSION,
+        "command": command or "kvconvert.evaluate.evaluate(...)",
+        "versions": versions(),
+        "device": str(device),
+        "settings": {**asdict(settings), "context": context, "eval_tokens": list(tokens.shape)},
+        "models": results,
+    }
+
+
+def _model_entry(
+    name: str,
+    role: str,
+    model: torch.nn.Module,
+    folder: Path,
+    tokens: torch.Tensor,
+    context: int,
+    settings: EvalSettings,
+) -> dict[str, Any]:
+    one = tokens[:1, :1]
+    return {
+        "name": name,
+        "role": role,
+        "model_class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "kv_bytes_per_token": kv_cache_bytes(model, one),
+        "kl": 0.0 if role == "original" else None,
+        "nll": None,
+        "conversion": _conversion_info(folder),
+    }
+
+
+# --- presentation ----------------------------------------------------------------------------
+def short_name(name: str) -> str:
+    p = Path(name)
+    return p.name if p.exists() else name
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The terminal table: one row per model."""
+    ctx = doc["settings"]["context"]
+    head = [
+        "model",
+        "KV B/token",
+        f"KV @{ctx}",
+        "KV ratio",
+        "KL nats/tok",
+        "ppl",
+        "prefill tok/s",
+        "decode tok/s",
+        "retrieval",
+    ]
+    rows = [head]
+    for m in doc["models"]:
+        r = m.get("retrieval")
+        acc = [a for a in (r or {}).get("accuracy", []) if a is not None]
+        rows.append(
+            [
+                short_name(m["name"]),
+                str(m["kv_bytes_per_token"]),
+                _bytes(m["kv_bytes_at_context"]),
+                f"{m['kv_ratio']:.3f}" if m["kv_ratio"] is not None else "-",
+                f"{m['kl']:.4f}",
+                f"{m['ppl']:.3f}",
+                f"{m['prefill_tok_s']:.0f}",
+                f"{m['decode_tok_s']:.1f}" if m["decode_tok_s"] else "-",
+                f"{sum(acc) / len(acc):.2f} ({r['task']})" if acc else "-",
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(_cells(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cells(row: list[str], widths: list[int]) -> list[str]:
+    """The model name left-aligned, numbers right-aligned."""
+    return [row[0].ljust(widths[0])] + [
+        c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+    ]
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def write_plot(doc: dict[str, Any], path: str | Path) -> None:
+    """KL vs KV bytes for every model, and a per-layer heatmap of each conversion's errors."""
+    plt = require_matplotlib()
+    models = doc["models"]
+    maps = [m for m in models if m["conversion"] and _layer_matrix(m["conversion"])[0]]
+    ncols = min(max(len(maps), 1), 3)
+    nrows = 1 + math.ceil(len(maps) / ncols)
+    width = max(4.2 * ncols, 8.0)
+    fig = plt.figure(figsize=(width, 3.8 + 2.6 * (nrows - 1)), constrained_layout=True)
+    grid = fig.add_gridspec(nrows, ncols, height_ratios=[1.4] + [1] * (nrows - 1))
+    ax = fig.add_subplot(grid[0, :])
+    for m in models:
+        orig = m["role"] == "original"
+        x, y = m["kv_bytes_per_token"], m["kl"]
+        ax.scatter(x, y, s=90 if orig else 45, marker="*" if orig else "o", zorder=3)
+        label = short_name(m["name"]) + (" (original)" if orig else "")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("KV cache bytes per token (measured after a prefill)")
+    ax.set_ylabel("KL(original || model)\nnats/token")
+    ax.set_title("Fidelity vs KV cache size")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    for k, m in enumerate(maps):
+        rows, mat = _layer_matrix(m["conversion"])
+        a = fig.add_subplot(grid[1 + k // ncols, k % ncols])
+        im = a.imshow(mat, aspect="auto", cmap="magma_r", vmin=0)
+        a.set_yticks(range(len(rows)), rows, fontsize=8)
+        a.set_xticks(range(len(mat[0])))
+        if len(mat[0]) <= 16:
+            top = max((v for _, v in _cells_of(mat)), default=0.0)
+            for (r, c), v in _cells_of(mat):
+                ink = "white" if v > 0.5 * top else "black"
+                a.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color=ink)
+        a.set_xlabel("layer")
+        a.set_title(short_name(m["name"]), fontsize=9)
+        fig.colorbar(im, ax=a, shrink=0.8, label="per-layer value")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _layer_matrix(conv: dict[str, Any]) -> tuple[list[str], list[list[float]]]:
+    """Numeric per-layer fields of kvconvert.json (errors, PoD similarities) as a matrix."""
+    layers = conv.get("layers") or []
+    keys = sorted(
+        {
+            k
+            for layer in layers
+            for k, v in layer.items()
+            if k != "layer" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    )
+    mat = [[float(layer.get(k, float("nan"))) for layer in layers] for k in keys]
+    return keys, mat
+
+
+def _cells_of(mat: list[list[float]]) -> list[tuple[tuple[int, int], float]]:
+    return [((r, c), v) for r, row in enumerate(mat) for c, v in enumerate(row) if v == v]
+
+
+def require_matplotlib() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KVConvertError(
+            "--plot needs matplotlib: pip install matplotlib (or kvconvert[plot])"
+        ) from None
+    return plt

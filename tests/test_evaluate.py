@@ -1,0 +1,161 @@
+"""``kvconvert eval``: KL 0 against itself, measured KV bytes, a stable JSON schema."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kvconvert
+from kvconvert.cli import main
+from kvconvert.errors import KVConvertError
+from kvconvert.evaluate import (
+    EvalSettings,
+    cache_bytes,
+    copy_prompt,
+    evaluate,
+    is_kvconvert_output,
+    write_plot,
+)
+from tests.conftest import FAST, ROOT
+
+SMALL = dict(num_samples=2, seq_len=16, context=40, new_tokens=4, repeats=1, trials=1, depths="0,1")
+SMALL_FLAGS = [
+    "--num-samples", "2", "--seq-len", "16", "--context", "40", "--new-tokens", "4",
+    "--repeats", "1", "--trials", "1", "--depths", "0,1", "-q",
+]  # fmt: skip
+
+TOP_KEYS = {"kvconvert_eval", "command", "versions", "device", "settings", "models"}
+MODEL_KEYS = {
+    "name",
+    "role",
+    "model_class",
+    "parameters",
+    "dtype",
+    "kv_bytes_per_token",
+    "kv_bytes_at_context",
+    "kv_ratio",
+    "kl",
+    "nll",
+    "ppl",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "timed_runs",
+    "retrieval",
+    "conversion",
+}
+RETRIEVAL_KEYS = {"task", "metric", "depths", "trials", "accuracy"}
+
+
+@pytest.fixture(scope="module")
+def halved(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "llama-kv2"
+    return kvconvert.convert(str(tiny_models["llama"]), str(out), kv_heads=2, **FAST)
+
+
+@pytest.fixture(scope="module")
+def halved_doc(tiny_models, halved):
+    return evaluate(str(tiny_models["llama"]), [str(halved)], EvalSettings(**SMALL), progress=False)
+
+
+def test_model_against_itself_is_kl_zero_and_equal_bytes(tiny_models):
+    src = str(tiny_models["llama"])
+    doc = evaluate(src, [src], EvalSettings(**SMALL), progress=False)
+    orig, same = doc["models"]
+    assert same["kl"] == 0.0
+    assert same["nll"] == orig["nll"] > 0
+    assert same["kv_bytes_per_token"] == orig["kv_bytes_per_token"] > 0
+    assert same["kv_bytes_at_context"] == orig["kv_bytes_at_context"]
+    assert same["kv_ratio"] == 1.0
+    assert same["retrieval"]["accuracy"] == orig["retrieval"]["accuracy"]
+
+
+def test_gqa_halved_has_exactly_half_the_measured_kv_bytes(halved_doc):
+    orig, conv = halved_doc["models"]
+    # 2 layers x (keys + values) x 4 KV heads x head_dim 16 x 4 bytes, per token
+    assert orig["kv_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
+    assert conv["kv_bytes_per_token"] * 2 == orig["kv_bytes_per_token"]
+    assert conv["kv_bytes_at_context"] * 2 == orig["kv_bytes_at_context"]
+    assert orig["kv_bytes_at_context"] == 40 * orig["kv_bytes_per_token"]
+    assert conv["kv_ratio"] == 0.5
+    assert conv["kl"] > 0
+    assert conv["conversion"]["target"] == {"kind": "gqa", "num_key_value_heads": 2}
+
+
+def test_cli_json_schema_is_stable_and_documented(tiny_models, halved, tmp_path):
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(
+        main, ["eval", str(tiny_models["llama"]), str(halved), "--json", str(out), *SMALL_FLAGS]
+    )
+    assert r.exit_code == 0, r.output
+    assert re.search(r"llama-kv2\s+512\s+", r.output)  # the terminal table row, bytes/token
+    doc = json.loads(out.read_text())
+    assert set(doc) == TOP_KEYS and doc["kvconvert_eval"] == 1
+    assert set(doc["settings"]) == {f for f in EvalSettings.__dataclass_fields__} | {"eval_tokens"}
+    for m in doc["models"]:
+        assert set(m) == MODEL_KEYS
+        assert set(m["retrieval"]) == RETRIEVAL_KEYS
+        assert m["retrieval"]["task"] == "copy"  # the tiny models have no tokenizer
+    assert [m["role"] for m in doc["models"]] == ["original", "converted"]
+    documented = (ROOT / "docs/evaluation.md").read_text()
+    for key in TOP_KEYS | MODEL_KEYS | RETRIEVAL_KEYS:
+        assert f"`{key}`" in documented, f"docs/evaluation.md does not document {key!r}"
+
+
+def test_plot_is_written(halved_doc, tmp_path):
+    pytest.importorskip("matplotlib")
+    write_plot(halved_doc, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _OddLayer:
+    """A custom cache layer: keys for 6 tokens, values for 3, plus a shared tensor."""
+
+    def __init__(self, shared: torch.Tensor):
+        self.keys = torch.zeros(1, 2, 6, 8)
+        self.values = torch.zeros(1, 2, 3, 8, dtype=torch.float16)
+        self.shared = shared
+        self._window = torch.tensor(4096)  # a 0-dim counter, not cache storage
+        self.is_initialized = True
+
+
+def test_cache_bytes_counts_every_tensor_of_custom_layers_once():
+    shared = torch.zeros(1, 1, 6, 8)
+    cache = type("Cache", (), {})()
+    cache.layers = [_OddLayer(shared), _OddLayer(shared)]
+    per_layer = 2 * 6 * 8 * 4 + 2 * 3 * 8 * 2
+    assert cache_bytes(cache) == 2 * per_layer + 6 * 8 * 4
+
+
+def test_copy_prompt_places_span_at_depth():
+    filler = torch.arange(100, 110)
+    span = list(range(3, 19))
+    start = copy_prompt(filler, 64, 0.0, span, 4, bos=1)
+    end = copy_prompt(filler, 64, 1.0, span, 4, bos=1)
+    assert len(start) == len(end) == 64
+    assert start[1:17] == span and end[-20:-4] == span
+    assert start[-4:] == end[-4:] == span[:4]
+
+
+def test_remote_code_is_trusted_only_for_kvconvert_outputs(tiny_models, halved, tmp_path):
+    assert not is_kvconvert_output(halved)  # stock GQA output: no auto_map, nothing to trust
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    cfg = json.loads((tiny_models["llama"] / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (foreign / "config.json").write_text(json.dumps(cfg))
+    assert not is_kvconvert_output(foreign)
+    (foreign / "kvconvert.json").write_text("{}")
+    assert is_kvconvert_output(foreign)
+
+
+def test_bad_settings_are_one_line_errors(tiny_models):
+    with pytest.raises(KVConvertError, match="depths"):
+        EvalSettings(depths="0,2").validate()
+    with pytest.raises(KVConvertError, match="at least one converted"):
+        evaluate(str(tiny_models["llama"]), [], EvalSettings(**SMALL), progress=False)
+    r = CliRunner().invoke(main, ["eval", str(tiny_models["llama"]), "/nonexistent/x", "-q"])
+    assert r.exit_code != 0 and "does not exist" in r.output
