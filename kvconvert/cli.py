@@ -6,12 +6,14 @@ optional, so other verbs (``demo``, and later ``eval``, ``heal``, ``push``) live
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import fields
 
 import click
 
 from .errors import KVConvertError
+from .heal.options import HealOptions
 from .recipe import Recipe
 
 
@@ -31,13 +33,14 @@ def main() -> None:
 
     \b
     kvconvert MODEL --target gqa --kv-heads N -o OUT    (same as: kvconvert convert ...)
+    kvconvert heal ORIGINAL CONVERTED -o OUT            recover quality by distillation
     kvconvert demo -o DIR                               offline end-to-end demo
     """
 
 
-def recipe_options(func):  # noqa: ANN001, ANN201 - decorator
-    """Add one Click option per Recipe field (the Recipe is the single source of options)."""
-    for f in reversed(fields(Recipe)):
+def recipe_options(func, cls=Recipe):  # noqa: ANN001, ANN201 - decorator
+    """Add one Click option per field of ``cls`` (Recipe: the single source of options)."""
+    for f in reversed(fields(cls)):
         meta = f.metadata
         if meta.get("cli") == "argument":
             func = click.argument(f.name)(func)
@@ -66,6 +69,24 @@ def convert_cmd(quiet: bool, **options: object) -> None:
 
     recipe = Recipe(**options)  # type: ignore[arg-type]
     out = _run(lambda: convert(recipe, progress=not quiet, command=command_line()))
+    if not quiet:
+        click.echo(f"wrote {out}", err=True)
+
+
+@main.command("heal")
+@functools.partial(recipe_options, cls=HealOptions)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def heal_cmd(quiet: bool, **options: object) -> None:
+    """Heal CONVERTED by distillation from ORIGINAL (KL on next-token distributions).
+
+    The output keeps CONVERTED's format (files, remote code, tokenizer, card) with the trained
+    tensors replaced, and the run appended to kvconvert.json.
+    """
+    from .heal import heal
+    from .pipeline import command_line
+
+    opts = HealOptions(**options)  # type: ignore[arg-type]
+    out = _run(lambda: heal(opts, progress=not quiet, command=command_line()))
     if not quiet:
         click.echo(f"wrote {out}", err=True)
 

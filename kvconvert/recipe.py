@@ -84,6 +84,27 @@ class Recipe:
         False, "Allow the source model's own code to run (off by default)."
     )
     overwrite: bool = option(False, "Replace an existing output folder.")
+    heal_steps: int = option(
+        0,
+        "After converting, heal by distillation from the original for N steps (0: off); "
+        "see kvconvert heal for every healing option.",
+        type=int,
+    )
+    heal_train: str = option(
+        "attention",
+        "Healing trains the converted tensors (attention) or everything (all).",
+        ("attention", "all"),
+    )
+    heal_lora: int = option(
+        0, "Heal with rank-R LoRA on the converted projections, merged back (0: off).", type=int
+    )
+    heal_lr: float | None = option(
+        None, "Healing peak learning rate (default: 0.64 / hidden_size).", type=float
+    )
+    heal_batch_size: int = option(8, "Healing sequences per step.", type=int)
+    heal_seq_len: int = option(128, "Healing tokens per sequence.", type=int)
+    heal_num_samples: int = option(512, "Healing training sequences from --calibration.", type=int)
+    heal_resume: bool = option(False, "Resume an interrupted healing run (conversion is redone).")
 
     def validate(self) -> Recipe:
         """Check every field; raise KVConvertError naming the bad option."""
