@@ -340,6 +340,7 @@ class HealRun:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "losses": list(self.losses),
             "kl_before": self.kl_before,
             "elapsed": self.elapsed,
@@ -372,6 +373,8 @@ class HealRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self.losses.extend(state["losses"])
         self.kl_before, self.elapsed = state["kl_before"], state["elapsed"]
