@@ -103,7 +103,7 @@ class Recipe:
     )
     heal_batch_size: int = option(8, "Healing sequences per step.", type=int)
     heal_seq_len: int = option(128, "Healing tokens per sequence.", type=int)
-    heal_num_samples: int = option(512, "Healing training sequences from --calibration.", type=int)
+    heal_num_samples: int = option(2048, "Healing training sequences from --calibration.", type=int)
     heal_resume: bool = option(False, "Resume an interrupted healing run (conversion is redone).")
 
     def validate(self) -> Recipe:

@@ -63,7 +63,7 @@ class HealOptions:
     grad_accum: int = option(1, "Micro-batches per optimiser step.", type=int)
     seq_len: int = option(128, "Tokens per training sequence.", type=int)
     num_samples: int = option(
-        512, "Training sequences drawn from --calibration (cycled through).", type=int
+        2048, "Training sequences drawn from --calibration (cycled through).", type=int
     )
     eval_samples: int = option(
         16, "Held-out sequences on which KL is measured before and after (0: skip).", type=int
