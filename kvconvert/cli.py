@@ -15,6 +15,7 @@ import click
 
 from .errors import KVConvertError
 from .evaluate import EvalSettings
+from .heal.options import HealOptions
 from .recipe import LOCAL_ONLY, Recipe, load_recipe_file
 
 
@@ -37,6 +38,7 @@ def main() -> None:
     kvconvert --recipe FILE.yaml -o OUT                 a conversion from a recipe file
     kvconvert push OUT user/name                        upload an output to the Hub
     kvconvert eval ORIGINAL CONVERTED [...]             side-by-side numbers
+    kvconvert heal ORIGINAL CONVERTED -o OUT            recover quality by distillation
     kvconvert demo -o DIR                               offline end-to-end demo
     kvconvert inspect MODEL                             is MODEL supported, and how
     """
@@ -55,8 +57,8 @@ def dataclass_options(cls: type):  # noqa: ANN201 - decorator factory
 def _add_options(cls: type, func):  # noqa: ANN001, ANN202
     for f in reversed(fields(cls)):
         meta = f.metadata
-        if meta.get("cli") == "argument":  # optional on the command line: a recipe can give it
-            func = click.argument(f.name, required=False)(func)
+        if meta.get("cli") == "argument":
+            func = click.argument(f.name, required=meta.get("required", True))(func)
             continue
         flag = f"--{f.name.replace('_', '-')}"
         decls = [flag] + ([meta["short"]] if "short" in meta else [])
@@ -182,6 +184,24 @@ def push_cmd(
         )
     )
     click.echo(f"pushed to {url}")
+
+
+@main.command("heal")
+@dataclass_options(HealOptions)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def heal_cmd(quiet: bool, **options: object) -> None:
+    """Heal CONVERTED by distillation from ORIGINAL (KL on next-token distributions).
+
+    The output keeps CONVERTED's format (files, remote code, tokenizer, card) with the trained
+    tensors replaced, and the run appended to kvconvert.json.
+    """
+    from .heal import heal
+    from .pipeline import command_line
+
+    opts = HealOptions(**options)  # type: ignore[arg-type]
+    out = _run(lambda: heal(opts, progress=not quiet, command=command_line()))
+    if not quiet:
+        click.echo(f"wrote {out}", err=True)
 
 
 @main.command("demo")

@@ -379,6 +379,10 @@ def solved_tensors(
 def convert(recipe: Recipe, progress: bool = True, command: str | None = None) -> Path:
     """Run a whole conversion; return the output folder."""
     recipe.validate()
+    if recipe.heal_steps:
+        from .heal import convert_and_heal
+
+        return convert_and_heal(recipe, progress, command)
     t0 = time.perf_counter()
     output = Path(recipe.output).expanduser()
     check_output(output, recipe.overwrite)

@@ -42,7 +42,9 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None, **ex
 class Recipe:
     """All options of a conversion; each field's metadata is its CLI flag's help."""
 
-    model: str = option(None, "Source model: a local folder or a Hub id.", cli="argument")
+    model: str = option(
+        None, "Source model: a local folder or a Hub id.", cli="argument", required=False
+    )
     output: str = option(None, "Output folder (refused if it exists).", short="-o", required=True)
     target: str = option(
         "gqa",
@@ -143,6 +145,27 @@ class Recipe:
         False, "Allow the source model's own code to run (off by default)."
     )
     overwrite: bool = option(False, "Replace an existing output folder.")
+    heal_steps: int = option(
+        0,
+        "After converting, heal by distillation from the original for N steps (0: off); "
+        "see kvconvert heal for every healing option.",
+        type=int,
+    )
+    heal_train: str = option(
+        "attention",
+        "Healing trains the converted tensors (attention) or everything (all).",
+        ("attention", "all"),
+    )
+    heal_lora: int = option(
+        0, "Heal with rank-R LoRA on the converted projections, merged back (0: off).", type=int
+    )
+    heal_lr: float | None = option(
+        None, "Healing peak learning rate (default: 0.64 / hidden_size).", type=float
+    )
+    heal_batch_size: int = option(8, "Healing sequences per step.", type=int)
+    heal_seq_len: int = option(128, "Healing tokens per sequence.", type=int)
+    heal_num_samples: int = option(2048, "Healing training sequences from --calibration.", type=int)
+    heal_resume: bool = option(False, "Resume an interrupted healing run (conversion is redone).")
 
     def validate(self) -> Recipe:
         """Check every field; raise KVConvertError naming the bad option."""

@@ -1,0 +1,69 @@
+"""KL to the original before and after healing, on stories260K (run by hand, not in CI).
+
+    OMP_NUM_THREADS=1 python benchmarks/heal_stories.py --inits mean svd --steps 100 300 1000
+
+Converts stories260K from 4 to 2 KV heads with each initialisation (self-calibration), heals
+each conversion for each step count (separate runs: the lr schedule depends on the total) and
+prints KL(original || model) in nats/token on 16 x 256 tokens sampled from the original with
+seed 1234 (the same evaluation text as benchmarks/stories_methods.py, disjoint from the
+training text, which uses --seed 0). Wall time is the heal call (sampling + training + eval +
+write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import kvconvert
+from kvconvert.calibration.data import sample_from_model
+from kvconvert.evaluate import kl_per_token
+from kvconvert.heal import HealOptions, heal
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="../shared/models/stories260K")
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--inits", nargs="+", default=["mean", "svd"])
+    ap.add_argument("--steps", type=int, nargs="+", default=[100, 300, 1000])
+    ap.add_argument("--set", nargs="*", default=[], help="heal options, e.g. lr=1e-3 lora=4")
+    args = ap.parse_args()
+    extra = {}
+    types = {
+        k: type(v) for k, v in HealOptions(original="", converted="", output="").to_dict().items()
+    }
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        extra[k] = (v.lower() in ("1", "true")) if types[k] is bool else types[k](v)
+    orig = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    evals = sample_from_model(orig, 1, 16, 256, 16, seed=1234)
+    print(f"heal options: {extra or 'defaults'}; torch threads {torch.get_num_threads()}")
+    print("| init | steps | KL before | KL after | heal wall s |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for init in args.inits:
+            conv = Path(tmp) / f"conv-{init}"
+            kvconvert.convert(
+                args.model, str(conv), kv_heads=args.kv_heads, method=init, progress=False
+            )
+            before = kl_per_token(orig, AutoModelForCausalLM.from_pretrained(conv).eval(), evals)
+            for steps in args.steps:
+                out = Path(tmp) / f"healed-{init}-{steps}"
+                t0 = time.perf_counter()
+                opts = HealOptions(
+                    original=args.model, converted=str(conv), output=str(out), steps=steps, **extra
+                )
+                heal(opts, progress=False)
+                dt = time.perf_counter() - t0
+                healed = AutoModelForCausalLM.from_pretrained(out).eval()
+                after = kl_per_token(orig, healed, evals)
+                print(f"| {init} | {steps} | {before:.3f} | {after:.3f} | {dt:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""HealOptions: every option of ``kvconvert heal`` in one validated object.
+
+Like the conversion Recipe, each field's metadata is its CLI flag's help, so the ``heal``
+command's flags are generated from this class and the effective options are recorded in the
+output's ``kvconvert.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import KVConvertError
+from ..recipe import DEVICES, option
+
+TRAIN = ("attention", "all")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEACHER_DEVICES = ("same", "cpu")
+
+#: Options that do not change what a run computes; a --resume may change them.
+RUNTIME_ONLY = ("output", "device", "teacher_device", "save_every", "resume", "overwrite")
+
+
+@dataclass
+class HealOptions:
+    """All options of a healing run (distillation from the original into the converted model)."""
+
+    original: str = option(None, "The model before conversion (teacher).", cli="argument")
+    converted: str = option(None, "The converted model folder (student).", cli="argument")
+    output: str = option(
+        None,
+        "Output folder for the healed model (refused if it exists).",
+        short="-o",
+        required=True,
+    )
+    steps: int = option(300, "Optimiser steps.", type=int)
+    train: str = option(
+        "attention",
+        "attention: only the attention blocks the conversion changed (q/k/v/o of merged layers); "
+        "all: every parameter.",
+        TRAIN,
+    )
+    lora: int = option(
+        0,
+        "Train rank-R LoRA adapters on the converted projections instead (0: off); they are "
+        "merged into the weights before saving.",
+        type=int,
+    )
+    lr: float | None = option(
+        None,
+        "Peak learning rate (default: 0.64 / hidden_size: 1e-2 at width 64, 1.6e-4 at 4096).",
+        type=float,
+    )
+    optimizer: str = option("adamw", "Optimiser.", OPTIMIZERS)
+    weight_decay: float = option(0.0, "Weight decay (AdamW) / L2 (SGD).", type=float)
+    warmup: float = option(0.05, "Linear warm-up, as a fraction of --steps.", type=float)
+    schedule: str = option(
+        "cosine", "After warm-up: cosine decay to 0.1 x lr, or constant.", SCHEDULES
+    )
+    batch_size: int = option(8, "Sequences per micro-batch.", type=int)
+    grad_accum: int = option(1, "Micro-batches per optimiser step.", type=int)
+    seq_len: int = option(128, "Tokens per training sequence.", type=int)
+    num_samples: int = option(
+        2048, "Training sequences drawn from --calibration (cycled through).", type=int
+    )
+    eval_samples: int = option(
+        16, "Held-out sequences on which KL is measured before and after (0: skip).", type=int
+    )
+    hard_label_weight: float = option(
+        0.0, "Weight of the next-token cross-entropy added to the KL (0: pure KL).", type=float
+    )
+    calibration: str = option(
+        "self",
+        "Training text: 'self' (sampled from the original from BOS), a .txt file or folder, a "
+        ".jsonl (text or input_ids), or a Hub dataset id.",
+    )
+    text_field: str = option("text", "Field holding the text in .jsonl data.")
+    seed: int = option(0, "Seed for sampling, data order and LoRA init.", type=int)
+    device: str = option("auto", "Where training runs (auto: CUDA if available).", DEVICES)
+    teacher_device: str = option(
+        "same",
+        "Where the original model runs: the training device, or cpu to save memory.",
+        TEACHER_DEVICES,
+    )
+    precision: str = option(
+        "auto",
+        "auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere; "
+        "bf16/fp16 autocast need CUDA.",
+        PRECISIONS,
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass (long sequences, less memory)."
+    )
+    save_every: int = option(
+        100, "Save a resumable state every N steps (and on Ctrl-C); 0: only on Ctrl-C.", type=int
+    )
+    resume: bool = option(False, "Continue an interrupted run from its saved state.")
+    revision: str | None = option(None, "Hub revision of ORIGINAL.")
+    trust_remote_code: bool = option(False, "Allow ORIGINAL's own code to run (off by default).")
+    overwrite: bool = option(False, "Replace an existing output folder.")
+
+    def validate(self) -> HealOptions:
+        """Check every field; raise KVConvertError naming the bad option."""
+        if not self.original or not self.converted or not self.output:
+            raise KVConvertError("original, converted and output are required")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise KVConvertError(
+                    f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(allowed)}"
+                )
+        for key in ("steps", "batch_size", "grad_accum", "num_samples"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
+        for key in ("lora", "eval_samples", "save_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 0:
+                raise KVConvertError(f"{key}: must be a non-negative integer, got {v!r}")
+        if self.seq_len < 2:
+            raise KVConvertError("seq_len: must be at least 2")
+        if self.lr is not None and not self.lr > 0:
+            raise KVConvertError(f"lr: must be positive, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise KVConvertError(f"warmup: a fraction of --steps in [0, 1), got {self.warmup!r}")
+        if self.weight_decay < 0 or self.hard_label_weight < 0:
+            raise KVConvertError("weight_decay and hard_label_weight must be >= 0")
+        if self.lora and self.train == "all":
+            raise KVConvertError(
+                "lora: --lora trains adapters on the converted projections; it does not combine "
+                "with --train all"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that decide what a run computes (a --resume must match them)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

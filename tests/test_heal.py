@@ -1,0 +1,146 @@
+"""Healing by distillation: KL drops, LoRA merges exactly, interrupts are safe and resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import kvconvert
+from kvconvert.calibration.data import sample_from_model
+from kvconvert.cli import main
+from kvconvert.errors import KVConvertError
+from kvconvert.evaluate import kl_per_token
+from kvconvert.heal import HealOptions, heal, state_folder
+from tests.conftest import FAST, load, token_ids
+
+#: Small enough for a few seconds per run on a laptop CPU.
+SMALL = dict(batch_size=4, seq_len=32, num_samples=16, eval_samples=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory):
+    """The tiny Llama (4 KV heads) mean-pooled to 2 KV heads: a poor start, worth healing."""
+    out = tmp_path_factory.mktemp("heal") / "conv"
+    kvconvert.convert(str(tiny_models["llama"]), str(out), kv_heads=2, method="mean", **FAST)
+    return tiny_models["llama"], out
+
+
+def _opts(converted, out, **kw) -> HealOptions:
+    src, conv = converted
+    return HealOptions(original=str(src), converted=str(conv), output=str(out), **{**SMALL, **kw})
+
+
+def test_kl_drops_and_format_is_kept(converted, tmp_path):
+    src, conv = converted
+    opts = _opts(converted, tmp_path / "healed", steps=40, lr=1e-2, batch_size=8, num_samples=128)
+    out = heal(opts, progress=False)
+    orig = load(src)
+    ids = sample_from_model(orig, 1, num_samples=8, seq_len=32, batch_size=8, seed=99)
+    kl_conv = kl_per_token(orig, load(conv), ids)
+    kl_healed = kl_per_token(orig, load(out), ids)
+    assert kl_healed < 0.8 * kl_conv, (kl_conv, kl_healed)  # measured: 0.38 -> 0.24
+
+    # Same files; config and side files byte-identical; untouched tensors bit-exact.
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in conv.iterdir())
+    assert (out / "config.json").read_bytes() == (conv / "config.json").read_bytes()
+    before, after = load_file(conv / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".self_attn." in k for k in changed)
+    assert all(torch.equal(before[k], after[k]) for k in before if "mlp" in k or "embed" in k)
+
+    report = json.loads((out / "kvconvert.json").read_text())
+    assert report["recipe"]["method"] == "mean"  # the conversion's report is kept
+    (run,) = report["heal"]
+    assert run["steps"] == 40 and run["data"]["source"] == "self"
+    assert run["kl_after"] < 0.8 * run["kl_before"] and run["final_loss"] > 0
+    assert sorted(run["trained"]["tensors"]) == sorted(changed)
+    assert "## Healing" in (out / "README.md").read_text()
+    assert not state_folder(out).exists()
+
+
+def test_lora_merged_output_equals_in_memory_model(converted, tmp_path):
+    ids = token_ids(2, 24, seed=3)
+    seen = {}
+
+    def grab(run, step, loss):
+        if step == run.opts.steps:
+            with torch.inference_mode():
+                seen["logits"] = run.student.eval()(input_ids=ids).logits
+            assert run.lora  # the student really carries adapters
+
+    out = heal(_opts(converted, tmp_path / "lora", steps=8, lora=2, lr=1e-2), False, None, grab)
+    merged = load(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.inference_mode():
+        got = merged(input_ids=ids).logits
+        start = load(converted[1])(input_ids=ids).logits
+    assert (seen["logits"] - start).abs().max() > 1e-3  # training moved the model
+    torch.testing.assert_close(got, seen["logits"], atol=2e-5, rtol=1e-5)
+
+
+def test_interrupt_leaves_output_untouched_and_resume_matches(converted, tmp_path):
+    full = heal(_opts(converted, tmp_path / "full", steps=12, save_every=4), progress=False)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous output")
+
+    def stop_at_6(run, step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    opts = _opts(converted, out, steps=12, save_every=4, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        heal(opts, False, None, stop_at_6)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched
+    state = torch.load(state_folder(out) / "state.pt", weights_only=True)
+    assert state["step"] == 6  # saved on Ctrl-C, not only at step 4
+
+    with pytest.raises(KVConvertError, match="differs in lr"):
+        heal(_opts(converted, out, steps=12, overwrite=True, resume=True, lr=1e-4), False)
+
+    resumed_from = []
+    heal(
+        _opts(converted, out, steps=12, save_every=4, overwrite=True, resume=True),
+        False,
+        None,
+        lambda run, step, loss: resumed_from.append(step),
+    )
+    assert resumed_from[0] == 7 and not state_folder(out).exists()
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
+    assert json.loads((out / "kvconvert.json").read_text())["heal"][0]["steps"] == 12
+
+
+def test_convert_with_heal_steps_cli(tiny_models, tmp_path):
+    out = tmp_path / "o"
+    args = [str(tiny_models["mistral"]), "--kv-heads", "2", "-o", str(out), "-q"]
+    args += ["--num-samples", "4", "--seq-len", "32", "--heal-steps", "3"]
+    args += ["--heal-seq-len", "16", "--heal-num-samples", "8", "--heal-batch-size", "2"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "kvconvert.json").read_text())
+    assert report["target"]["num_key_value_heads"] == 2
+    assert report["heal"][0]["steps"] == 3 and report["heal"][0]["command"] == report["command"]
+    assert load(out).config.num_key_value_heads == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_clear_errors(converted, tiny_models, tmp_path):
+    src, conv = converted
+    with pytest.raises(KVConvertError, match="needs a CUDA device"):
+        heal(_opts(converted, tmp_path / "a", precision="bf16", device="cpu"), False)
+    with pytest.raises(KVConvertError, match="does not combine with --train all"):
+        heal(_opts(converted, tmp_path / "b", lora=4, train="all"), False)
+    same = tmp_path / "same"
+    shutil.copytree(src, same)
+    with pytest.raises(KVConvertError, match="nothing to heal"):
+        heal(_opts((src, same), tmp_path / "c"), False)
+    res = CliRunner().invoke(main, ["heal", str(src), str(conv), "-o", str(conv)])
+    assert res.exit_code != 0 and "already exists" in res.output
