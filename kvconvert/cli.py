@@ -66,7 +66,7 @@ def convert_cmd(quiet: bool, **options: object) -> None:
 
     recipe = Recipe(**options)  # type: ignore[arg-type]
     out = _run(lambda: convert(recipe, progress=not quiet, command=command_line()))
-    if not quiet:
+    if not quiet and not recipe.dry_run:
         click.echo(f"wrote {out}", err=True)
 
 

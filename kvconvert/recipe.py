@@ -16,6 +16,8 @@ from .gqa.solve import METHODS
 TARGETS = ("gqa",)
 ROPE_KEYS = ("complex", "real")
 OBJECTIVES = ("output", "plain")
+PIPELINES = ("auto", "sequential", "whole")
+PROPAGATE = ("original", "converted")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SIZE_UNITS = {
@@ -84,6 +86,28 @@ class Recipe:
         False, "Allow the source model's own code to run (off by default)."
     )
     overwrite: bool = option(False, "Replace an existing output folder.")
+    # --- issue 7: layer-sequential engine, resume, dry run --------------------------------
+    pipeline: str = option(
+        "auto",
+        "sequential: one decoder layer in memory at a time (weights streamed from the shards); "
+        "whole: load the whole model for calibration; auto: sequential.",
+        PIPELINES,
+    )
+    propagate: str = option(
+        "original",
+        "What the next layer sees in --pipeline sequential: the original layer's outputs, or "
+        "the converted layer's (errors compensated downstream, one extra layer pass).",
+        PROPAGATE,
+    )
+    offload_activations: bool = option(
+        False, "Keep calibration activations on the CPU between layers (saves --device memory)."
+    )
+    resume: bool = option(
+        False, "Continue an interrupted run from its OUTPUT.kvconvert-work folder."
+    )
+    dry_run: bool = option(
+        False, "Print the plan (layers, groups, KV bytes, memory, disk) and exit."
+    )
 
     def validate(self) -> Recipe:
         """Check every field; raise KVConvertError naming the bad option."""

@@ -28,6 +28,10 @@ class AttentionAdapter:
     rotary_fraction_key: str | None = None
     #: which projections may carry a bias (read from the checkpoint when present).
     biases: tuple[str, ...] = ()
+    #: checkpoint name of the token embedding, and module path of the model-level rotary
+    #: embedding (used by the layer-sequential engine, which never builds the whole model).
+    embed_tokens: str = "model.embed_tokens.weight"
+    rotary_module: str = "model.rotary_emb"
     notes: str = ""
 
     # --- config facts -------------------------------------------------------------------
