@@ -231,6 +231,10 @@ class _SafetensorsFile:
             raise ValueError(f"bad safetensors header: {e}") from e
         header.pop("__metadata__", None)
         self._base = 8 + n
+        end = max((m["data_offsets"][1] for m in header.values()), default=0)
+        if path.stat().st_size != self._base + end:
+            self._fh.close()
+            raise ValueError("file is truncated or has trailing bytes (data not fully covered)")
         self._meta = {k: header[k] for k in sorted(header)}  # safe_open's order: sorted
 
     def __enter__(self) -> _SafetensorsFile:
