@@ -119,7 +119,7 @@ def convert_cmd(
 
         _run(lambda: check_push_target(push_to_hub, hub_revision))
     out = _run(lambda: convert(recipe, progress=not quiet, command=command_line()))
-    if not quiet:
+    if not quiet and not recipe.dry_run:
         click.echo(f"wrote {out}", err=True)
     if push_to_hub:
         from .hub import push

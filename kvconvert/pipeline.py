@@ -416,6 +416,11 @@ def _convert(
     device = resolve_device(recipe.device)
     out_dtype = None if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
     torch.manual_seed(recipe.seed)
+    # layer-sequential engine (bounded memory, resume, dry run) where it applies
+    from . import sequential
+
+    if sequential.applies(recipe, src, counts):
+        return sequential.convert(recipe, src, output, device, out_dtype, progress, command, t0)
 
     stats, calib_info = None, {"source": "none (data-free method)", "sequences": 0, "seq_len": 0}
     allocation = None
@@ -446,60 +451,92 @@ def _convert(
         ):
             writer.add(name, tensor)
         shards = writer.finish()
-        use_remote = needs_remote_code(recipe, counts)
-        if use_remote:
-            config = remote_config(src, recipe, counts)
-            model_files = remote.copy_model_files(work)
-        else:
-            config = src.adapter.set_kv_heads(src.config, counts[0])
-            model_files = []
-        if out_dtype is not None:
-            config["dtype"] = recipe.dtype
-            config.pop("torch_dtype", None)
-        write_json(work / "config.json", config)
-        side = copy_side_files(src.folder, work)
-        final_dtype = out_dtype or src.dtype
-        rep = {
-            "kvconvert_report": 1,
-            "command": command or "kvconvert.convert(...)",
-            "recipe": recipe.to_dict(),
-            "versions": report_mod.versions(),
-            "source": {
-                "model": recipe.model,
-                "revision": recipe.revision,
-                "model_type": src.config.get("model_type"),
-                "num_key_value_heads": src.num_kv_heads,
-                "num_attention_heads": src.num_heads,
-                "head_dim": src.head_dim,
-                "num_layers": src.num_layers,
-            },
-            "target": target_report(src, recipe, counts, use_remote, allocation),
-            "calibration": calib_info,
-            "layers": [
-                {
-                    "layer": i,
-                    "groups": [list(g) for g in results[i].groups],
-                    "key_error": results[i].key_error,
-                    "value_error": results[i].value_error,
-                }
-                for i in sorted(results)
-            ],
-            "kv_bytes_per_token": {
-                "before": report_mod.kv_bytes_per_token(
-                    [src.num_kv_heads] * src.num_layers, src.head_dim, src.dtype
-                ),
-                "after": report_mod.kv_bytes_per_token(counts, src.head_dim, final_dtype),
-                "dtype": str(final_dtype).removeprefix("torch."),
-            },
-            "files": {"weights": shards, "copied": side, "model_code": model_files},
-            "timing_s": {
-                "calibration": round(t_calib, 3),
-                "total": round(time.perf_counter() - t0, 3),
-            },
-        }
-        write_json(work / "kvconvert.json", rep)
-        write_recipe_and_card(work, recipe, rep, src.folder, config)
+        finish_output(
+            work,
+            recipe,
+            src,
+            results,
+            calib_info,
+            shards,
+            out_dtype,
+            command,
+            t0,
+            t_calib,
+            counts,
+            allocation,
+        )
     return output
+
+
+def finish_output(
+    work: Path,
+    recipe: Recipe,
+    src: Source,
+    results: dict[int, Any],
+    calib_info: dict[str, Any],
+    shards: list[str],
+    out_dtype: torch.dtype | None,
+    command: str | None,
+    t0: float,
+    t_calib: float,
+    counts: list[int] | None = None,
+    allocation: budget_mod.Allocation | None = None,
+) -> None:
+    """Everything but the weights: config, side files, kvconvert.json report, model card."""
+    counts = counts or [recipe.kv_heads] * src.num_layers
+    use_remote = needs_remote_code(recipe, counts)
+    if use_remote:
+        config = remote_config(src, recipe, counts)
+        model_files = remote.copy_model_files(work)
+    else:
+        config = src.adapter.set_kv_heads(src.config, counts[0])
+        model_files = []
+    if out_dtype is not None:
+        config["dtype"] = recipe.dtype
+        config.pop("torch_dtype", None)
+    write_json(work / "config.json", config)
+    side = copy_side_files(src.folder, work)
+    final_dtype = out_dtype or src.dtype
+    rep = {
+        "kvconvert_report": 1,
+        "command": command or "kvconvert.convert(...)",
+        "recipe": recipe.to_dict(),
+        "versions": report_mod.versions(),
+        "source": {
+            "model": recipe.model,
+            "revision": recipe.revision,
+            "model_type": src.config.get("model_type"),
+            "num_key_value_heads": src.num_kv_heads,
+            "num_attention_heads": src.num_heads,
+            "head_dim": src.head_dim,
+            "num_layers": src.num_layers,
+        },
+        "target": target_report(src, recipe, counts, use_remote, allocation),
+        "calibration": calib_info,
+        "layers": [
+            {
+                "layer": i,
+                "groups": [list(g) for g in results[i].groups],
+                "key_error": results[i].key_error,
+                "value_error": results[i].value_error,
+            }
+            for i in sorted(results)
+        ],
+        "kv_bytes_per_token": {
+            "before": report_mod.kv_bytes_per_token(
+                [src.num_kv_heads] * src.num_layers, src.head_dim, src.dtype
+            ),
+            "after": report_mod.kv_bytes_per_token(counts, src.head_dim, final_dtype),
+            "dtype": str(final_dtype).removeprefix("torch."),
+        },
+        "files": {"weights": shards, "copied": side, "model_code": model_files},
+        "timing_s": {
+            "calibration": round(t_calib, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
+    }
+    write_json(work / "kvconvert.json", rep)
+    write_recipe_and_card(work, recipe, rep, src.folder, config)
 
 
 def write_recipe_and_card(

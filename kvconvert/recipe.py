@@ -20,6 +20,8 @@ from .gqa.solve import METHODS
 TARGETS = ("gqa", "pod", "gqa,pod")
 ROPE_KEYS = ("complex", "real", "project")
 OBJECTIVES = ("output", "plain")
+PIPELINES = ("auto", "sequential", "whole")
+PROPAGATE = ("original", "converted")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SIZE_UNITS = {
@@ -166,6 +168,29 @@ class Recipe:
     heal_seq_len: int = option(128, "Healing tokens per sequence.", type=int)
     heal_num_samples: int = option(2048, "Healing training sequences from --calibration.", type=int)
     heal_resume: bool = option(False, "Resume an interrupted healing run (conversion is redone).")
+    # --- layer-sequential engine, resume, dry run ------------------------------------------
+    pipeline: str = option(
+        "auto",
+        "sequential: one decoder layer in memory at a time (weights streamed from the shards); "
+        "whole: load the whole model for calibration; auto: sequential where supported "
+        "(uniform GQA on a Llama-layout model), else whole.",
+        PIPELINES,
+    )
+    propagate: str = option(
+        "original",
+        "What the next layer sees in --pipeline sequential: the original layer's outputs, or "
+        "the converted layer's (errors compensated downstream, one extra layer pass).",
+        PROPAGATE,
+    )
+    offload_activations: bool = option(
+        False, "Keep calibration activations on the CPU between layers (saves --device memory)."
+    )
+    resume: bool = option(
+        False, "Continue an interrupted run from its OUTPUT.kvconvert-work folder."
+    )
+    dry_run: bool = option(
+        False, "Print the plan (layers, groups, KV bytes, memory, disk) and exit."
+    )
 
     def validate(self) -> Recipe:
         """Check every field; raise KVConvertError naming the bad option."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -154,9 +155,7 @@ class TensorSource:
     def _open_file(self, f: Path) -> Any:
         try:
             if f.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                return self._stack.enter_context(safe_open(str(f), framework="pt"))
+                return self._stack.enter_context(_SafetensorsFile(f))
             return _BinFile(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
         except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
             raise KVConvertError(f"corrupt or unreadable weights file {f.name}: {e}") from e
@@ -198,6 +197,75 @@ class TensorSource:
 
     def dtype_of(self, name: str) -> torch.dtype:
         return self.get(name).dtype
+
+    def info(self, name: str) -> tuple[int, int, bool]:
+        """(elements, bytes per element, is floating point) from the file header, no read."""
+        handle = self._handles[self._where[name]]
+        if isinstance(handle, _SafetensorsFile):
+            return handle.info(name)
+        t = self.get(name)
+        return t.numel(), t.element_size(), t.is_floating_point()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class _SafetensorsFile:
+    """A .safetensors file read with plain file reads, one tensor at a time.
+
+    ``safetensors.safe_open`` memory-maps the file, and every page a read touches stays
+    resident (and counted in the process RSS) for as long as the file is open: a conversion
+    would end up holding the whole checkpoint. Reading each tensor into its own buffer keeps
+    memory at what the caller holds; the OS page cache still serves repeated reads.
+    """
+
+    def __init__(self, path: Path):
+        self._fh = path.open("rb")
+        try:
+            (n,) = struct.unpack("<Q", self._fh.read(8))
+            header = json.loads(self._fh.read(n))
+        except (struct.error, ValueError) as e:
+            self._fh.close()
+            raise ValueError(f"bad safetensors header: {e}") from e
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        end = max((m["data_offsets"][1] for m in header.values()), default=0)
+        if path.stat().st_size != self._base + end:
+            self._fh.close()
+            raise ValueError("file is truncated or has trailing bytes (data not fully covered)")
+        self._meta = {k: header[k] for k in sorted(header)}  # safe_open's order: sorted
+
+    def __enter__(self) -> _SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def info(self, name: str) -> tuple[int, int, bool]:
+        m = self._meta[name]
+        dtype = _ST_DTYPES[m["dtype"]]
+        numel = 1
+        for d in m["shape"]:
+            numel *= int(d)
+        return numel, dtype.itemsize, dtype.is_floating_point
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        m = self._meta[name]
+        start, end = m["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            self._fh.seek(self._base + start)
+            if self._fh.readinto(buf.numpy()) != end - start:
+                raise ValueError("file is truncated")
+        return buf.view(_ST_DTYPES[m["dtype"]]).reshape(m["shape"])
 
 
 class _BinFile:

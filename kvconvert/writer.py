@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import KVConvertError
 
@@ -32,40 +32,123 @@ SKIP_NAMES = {
 }
 
 
-class ShardedWriter:
-    """Collects tensors into shards of at most ``max_shard_size`` bytes and writes them.
+#: torch dtype -> safetensors dtype tag (the format's header spelling).
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_COPY_CHUNK = 16 * 2**20
 
-    One shard's tensors are held in memory at a time. Single-shard outputs are named
-    ``model.safetensors``; larger ones ``model-0000i-of-0000n.safetensors`` plus
-    ``model.safetensors.index.json``, as ``save_pretrained`` writes them.
+
+class ShardedWriter:
+    """Streams tensors into shards of at most ``max_shard_size`` bytes.
+
+    Each tensor's bytes are appended to the open shard's data file as soon as it arrives, so
+    memory holds one tensor, never a shard. A full shard becomes a safetensors file (header,
+    then the data copied over in chunks). Single-shard outputs are named ``model.safetensors``;
+    larger ones ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``, as
+    ``save_pretrained`` writes them. :meth:`state` / :meth:`restore` let an interrupted run
+    continue the same shards byte for byte (``--resume``).
     """
 
     def __init__(self, folder: Path, max_shard_size: int):
         self.folder = folder
         self.max = max_shard_size
-        self._pending: dict[str, torch.Tensor] = {}
+        self._entries: list[tuple[str, str, list[int], int, int]] = []
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
+        self._data: Any = None
         self.total_bytes = 0
 
+    def _data_path(self) -> Path:
+        return self.folder / f".shard-{len(self._shards):05d}.data"
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max:
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise KVConvertError(f"cannot write {name!r}: dtype {t.dtype} has no safetensors tag")
+        size = t.numel() * t.element_size()
+        if self._entries and self._pending_bytes + size > self.max:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        if self._data is None:
+            self._data = self._data_path().open("ab")
+        start = self._pending_bytes
+        if size:
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries.append((name, _ST_DTYPES[t.dtype], list(t.shape), start, start + size))
         self._pending_bytes += size
         self.total_bytes += size
 
     def _flush(self) -> None:
+        data = self._data_path()
+        if self._data is None:
+            data.touch()
+        else:
+            self._data.close()
+            self._data = None
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        for name, dtype, shape, start, end in self._entries:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors writes it
         path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        with path.open("wb") as out, data.open("rb") as src:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(src, out, _COPY_CHUNK)
+        data.unlink()
+        self._shards.append((path, [e[0] for e in self._entries]))
+        self._entries, self._pending_bytes = [], 0
+
+    def sync(self) -> None:
+        """Push buffered bytes to the data file (before a resume checkpoint)."""
+        if self._data is not None:
+            self._data.flush()
+            os.fsync(self._data.fileno())
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue writing after an interrupt (JSON-serialisable)."""
+        self.sync()
+        return {
+            "shards": [[p.name, names] for p, names in self._shards],
+            "entries": [list(e) for e in self._entries],
+            "pending_bytes": self._pending_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state`: the open shard's data is cut back to that point."""
+        self._shards = [(self.folder / p, list(n)) for p, n in state["shards"]]
+        self._entries = [(e[0], e[1], list(e[2]), e[3], e[4]) for e in state["entries"]]
+        self._pending_bytes, self.total_bytes = state["pending_bytes"], state["total_bytes"]
+        data = self._data_path()
+        if self._entries:
+            if not data.is_file() or data.stat().st_size < self._pending_bytes:
+                raise KVConvertError(f"cannot resume: {data} is missing or truncated")
+            os.truncate(data, self._pending_bytes)
+        elif data.exists():
+            data.unlink()
+
+    def close(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
 
     def finish(self) -> list[str]:
         """Write the last shard, give shards their final names and write the index."""
-        if self._pending:
+        if self._entries:
             self._flush()
+        self.close()
         n = len(self._shards)
         if n == 1:
             self._shards[0][0].rename(self.folder / "model.safetensors")
@@ -114,6 +197,41 @@ def atomic_output(output: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield work
     except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if output.exists():
+        old = output.parent / f".{output.name}.kvconvert-old-{os.getpid()}"
+        output.rename(old)
+        work.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(output)
+
+
+def work_folder(output: Path) -> Path:
+    """The resumable work folder of ``output``: ``OUTPUT.kvconvert-work`` beside it."""
+    return output.parent / f"{output.name}.kvconvert-work"
+
+
+@contextmanager
+def resumable_output(output: Path, overwrite: bool, resume: bool) -> Iterator[Path]:
+    """Like :func:`atomic_output`, but the work folder survives an interrupt or crash.
+
+    ``OUTPUT.kvconvert-work`` holds the shards written so far and the resume state; it becomes
+    ``output`` only when the run completes. A KVConvertError (bad input, NaN) removes it, since
+    resuming cannot help; Ctrl-C or any other failure keeps it for ``--resume``.
+    """
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = work_folder(output)
+    if resume and not work.is_dir():
+        raise KVConvertError(f"--resume: there is no interrupted run to resume ({work} is absent)")
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(exist_ok=True)
+    try:
+        yield work
+    except KVConvertError:
         shutil.rmtree(work, ignore_errors=True)
         raise
     if output.exists():

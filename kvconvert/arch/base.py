@@ -51,6 +51,10 @@ class AttentionAdapter:
     #: what ``--target`` produces for this architecture: target -> output kind
     #: ("stock": the stock transformers class loads it, no remote code).
     outputs: dict[str, str] = field(default_factory=lambda: {"gqa": "stock"})
+    #: checkpoint name of the token embedding, and module path of the model-level rotary
+    #: embedding (used by the layer-sequential engine, which never builds the whole model).
+    embed_tokens: str = "model.embed_tokens.weight"
+    rotary_module: str = "model.rotary_emb"
     notes: str = ""
 
     # --- config facts -------------------------------------------------------------------
