@@ -26,7 +26,8 @@ LOADER = textwrap.dedent(
                 raise ImportError("kvconvert is not installed here")
     sys.meta_path.insert(0, NoKVConvert())
     root = sys.argv[1]
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and not p.startswith(root)]
+    inside = lambda p: p == root or p.startswith(root.rstrip("/") + "/")
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and not inside(p)]
     import torch
     from transformers import AutoModelForCausalLM
     ids = torch.load(sys.argv[2])
