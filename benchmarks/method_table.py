@@ -34,13 +34,33 @@ sys.path.insert(0, str(ROOT))
 
 #: (label, extra ``kvconvert`` flags). Every method of ``--target gqa``; a new target or method
 #: gets a row here (the script refuses to run when kvconvert has a target this table lacks).
+POD = ["--sink", "4", "--recent", "32", "--kv-saving", "0.15"]
 METHODS: list[tuple[str, list[str]]] = [
-    ("gqa mean (baseline)", ["--target", "gqa", "--method", "mean"]),
-    ("gqa svd-weights (data-free)", ["--target", "gqa", "--method", "svd-weights"]),
-    ("gqa svd (default)", ["--target", "gqa", "--method", "svd"]),
-    ("gqa svd + grouping search", ["--target", "gqa", "--method", "svd", "--grouping", "search"]),
+    ("gqa mean (baseline)", ["--target", "gqa", "--kv-heads", "{G}", "--method", "mean"]),
+    (
+        "gqa svd-weights (data-free)",
+        ["--target", "gqa", "--kv-heads", "{G}", "--method", "svd-weights"],
+    ),
+    ("gqa svd (default)", ["--target", "gqa", "--kv-heads", "{G}", "--method", "svd"]),
+    (
+        "gqa svd + grouping search",
+        ["--target", "gqa", "--kv-heads", "{G}", "--method", "svd", "--grouping", "search"],
+    ),
+    ("gqa svd, per-layer --kv-budget (remote code)", ["--target", "gqa", "--kv-budget", "{F}"]),
+    (
+        "gqa --rope-keys project (paper, remote code)",
+        ["--target", "gqa", "--kv-heads", "{G}", "--rope-keys", "project"],
+    ),
+    (
+        "gqa,pod: svd + PoD sink 4 recent 32 saving 0.15",
+        ["--target", "gqa,pod", "--kv-heads", "{G}", *POD],
+    ),
 ]
-COVERED_TARGETS = {"gqa"}
+#: PoD alone cannot reach 50% (values are never shared): its own row, at a 15% saving target.
+POD_ROWS: list[tuple[str, list[str]]] = [
+    ("pod sink 4 recent 32, --kv-saving 0.15", ["--target", "pod", *POD]),
+]
+COVERED_TARGETS = {"gqa", "pod", "gqa,pod"}
 BUDGETS = (("50%", 2), ("25%", 4))  # label, divisor of the KV heads
 
 
@@ -101,26 +121,27 @@ def bench_model(name: str, src: Path, work: Path, calib: list[str], eval_flags: 
     base_wall, base_rss = measured_run(
         [sys.executable, "-c", "import kvconvert.pipeline, transformers, torch"]
     )
-    for budget, div in BUDGETS:
+    plan = [(b, div, label, flags) for b, div in BUDGETS for label, flags in METHODS]
+    plan += [("~15%", 1, label, flags) for label, flags in POD_ROWS]
+    for budget, div, label, flags in plan:
         if kv % div:
             print(f"{name}: {kv} KV heads, no {budget} budget", file=sys.stderr)
             continue
-        for label, flags in METHODS:
-            out = work / f"{name}-{kv // div}-{len(rows)}"
-            cmd = [*py, str(src), "--kv-heads", str(kv // div), "-o", str(out), "-q"]
-            cmd += flags + calib
-            wall, rss = measured_run(cmd)
-            rows.append(
-                {
-                    "budget": budget,
-                    "method": label,
-                    "folder": str(out),
-                    "wall": wall,
-                    "rss": rss,
-                    "kv_heads": kv // div,
-                }
-            )
-            print(f"{name} {budget} {label}: {wall:.1f} s, {rss:.0f} MiB", file=sys.stderr)
+        out = work / f"{name}-{kv // div}-{len(rows)}"
+        fill = {"{G}": str(kv // div), "{F}": str(1 / div)}
+        cmd = [*py, str(src), "-o", str(out), "-q", *(fill.get(f, f) for f in flags), *calib]
+        wall, rss = measured_run(cmd)
+        rows.append(
+            {
+                "budget": budget,
+                "method": label,
+                "folder": str(out),
+                "wall": wall,
+                "rss": rss,
+                "kv_heads": kv // div,
+            }
+        )
+        print(f"{name} {budget} {label}: {wall:.1f} s, {rss:.0f} MiB", file=sys.stderr)
     js = work / f"{name}-eval.json"
     eval_cmd = [*py, "eval", str(src), *(r["folder"] for r in rows), "--json", str(js), "-q"]
     measured_run(eval_cmd + eval_flags)
@@ -174,9 +195,9 @@ def render(results: list[dict], command: str) -> str:
             f"{s['repeats']} timed runs, {s['trials']} retrieval prompts per depth at depths "
             f"{s['depths']}; device {doc['device']}.",
             "",
-            "| budget | method | KV heads | KV B/tok | KL | ppl | decode tok/s | prefill tok/s "
-            "| retrieval | convert s | peak RSS MiB |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| budget | method | KV heads | KV B/tok | KV KiB @context | KL | ppl | decode tok/s "
+            "| prefill tok/s | retrieval | convert s | peak RSS MiB |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         lines.append(_row("100%", "original", res["kv"], models[0], None))
         for row, m in zip(res["rows"], models[1:], strict=True):
@@ -198,6 +219,7 @@ def _row(budget: str, method: str, kv: int, m: dict, conv: dict | None) -> str:
         method,
         str(kv),
         str(m["kv_bytes_per_token"]),
+        f"{m['kv_bytes_at_context'] / 1024:.0f}",
         f"{m['kl']:.4f}",
         f"{m['ppl']:.3f}",
         f"{m['decode_tok_s']:.0f}",

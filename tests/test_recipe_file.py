@@ -24,13 +24,15 @@ SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def test_recipes_are_shipped():
-    assert len(SHIPPED) >= 5
+    assert len(SHIPPED) >= 7
+    targets = {load_recipe_file(p)["target"] for p in SHIPPED}
+    assert targets == {"gqa", "pod", "gqa,pod"}  # one or more recipes for every target
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_recipe_loads_and_validates(path):
     values = load_recipe_file(path)
-    assert values["model"] and values["target"] == "gqa"
+    assert values["model"] and values["target"] in ("gqa", "pod", "gqa,pod")
     Recipe(**{**values, "output": "out"}).validate()
     text = path.read_text()
     assert text.startswith("# ") and "saving" in text  # says what it is for and what it saves
