@@ -498,19 +498,7 @@ def finish_output(
     side = copy_side_files(src.folder, work)
     final_dtype = out_dtype or src.dtype
     rep = {
-        "kvconvert_report": 1,
-        "command": command or "kvconvert.convert(...)",
-        "recipe": recipe.to_dict(),
-        "versions": report_mod.versions(),
-        "source": {
-            "model": recipe.model,
-            "revision": recipe.revision,
-            "model_type": src.config.get("model_type"),
-            "num_key_value_heads": src.num_kv_heads,
-            "num_attention_heads": src.num_heads,
-            "head_dim": src.head_dim,
-            "num_layers": src.num_layers,
-        },
+        **report_header(recipe, src, command),
         "target": target_report(src, recipe, counts, use_remote, allocation),
         "calibration": calib_info,
         "layers": [
@@ -537,6 +525,27 @@ def finish_output(
     }
     write_json(work / "kvconvert.json", rep)
     write_recipe_and_card(work, recipe, rep, src.folder, config)
+
+
+def report_header(
+    recipe: Recipe, src: Source, command: str | None, num_kv_heads: int | None = None
+) -> dict[str, Any]:
+    """The first keys of every kvconvert.json: command, recipe, versions, source facts."""
+    return {
+        "kvconvert_report": 1,
+        "command": command or "kvconvert.convert(...)",
+        "recipe": recipe.to_dict(),
+        "versions": report_mod.versions(),
+        "source": {
+            "model": recipe.model,
+            "revision": recipe.revision,
+            "model_type": src.config.get("model_type"),
+            "num_key_value_heads": num_kv_heads or src.num_kv_heads,
+            "num_attention_heads": src.num_heads,
+            "head_dim": src.head_dim,
+            "num_layers": src.num_layers,
+        },
+    }
 
 
 def write_recipe_and_card(

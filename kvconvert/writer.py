@@ -199,6 +199,11 @@ def atomic_output(output: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    move_into_place(work, output)
+
+
+def move_into_place(work: Path, output: Path) -> None:
+    """Rename a finished work folder to ``output``, replacing (then deleting) an old one."""
     if output.exists():
         old = output.parent / f".{output.name}.kvconvert-old-{os.getpid()}"
         output.rename(old)
@@ -234,10 +239,4 @@ def resumable_output(output: Path, overwrite: bool, resume: bool) -> Iterator[Pa
     except KVConvertError:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    if output.exists():
-        old = output.parent / f".{output.name}.kvconvert-old-{os.getpid()}"
-        output.rename(old)
-        work.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        work.rename(output)
+    move_into_place(work, output)

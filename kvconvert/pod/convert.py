@@ -89,7 +89,7 @@ def _pod(
     t0: float,
     gqa: dict[str, Any] | None = None,
 ) -> Path:
-    from ..pipeline import calibration_tokens, load_model, resolve_device
+    from ..pipeline import calibration_tokens, load_model, report_header, resolve_device
 
     L, kv = src.num_layers, src.num_kv_heads
     device = resolve_device(recipe.device)
@@ -153,19 +153,7 @@ def _pod(
         final_dtype = out_dtype or src.dtype
         dense = report_mod.kv_bytes_per_token([kv] * L, src.head_dim, final_dtype)
         rep = {
-            "kvconvert_report": 1,
-            "command": command or "kvconvert.convert(...)",
-            "recipe": recipe.to_dict(),
-            "versions": report_mod.versions(),
-            "source": {
-                "model": recipe.model,
-                "revision": recipe.revision,
-                "model_type": src.config.get("model_type"),
-                "num_key_value_heads": kv,
-                "num_attention_heads": src.num_heads,
-                "head_dim": src.head_dim,
-                "num_layers": L,
-            },
+            **report_header(recipe, src, command, kv),
             "target": {
                 "kind": "pod",
                 "sink": recipe.sink,
