@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,26 @@ def _rel(merges: list[Merge]) -> float:
     return sum(m.error for m in merges) / tot if tot > 0 else 0.0
 
 
+def choose_groups(
+    grouping: str,
+    kv: int,
+    kv_heads: int,
+    solve_k: Callable[[tuple[int, ...]], Merge],
+    solve_v: Callable[[tuple[int, ...]], Merge],
+    seed: int = 0,
+) -> list[tuple[int, ...]]:
+    """Adjacent groups, or the search's: cost = relative key + value energy a group loses."""
+    if grouping != "search":
+        return grouping_mod.adjacent(kv, kv_heads)
+    k_tot = sum(solve_k((j,)).total for j in range(kv)) or 1.0
+    v_tot = sum(solve_v((j,)).total for j in range(kv)) or 1.0
+
+    def cost(g: tuple[int, ...]) -> float:
+        return solve_k(g).error / k_tot + solve_v(g).error / v_tot
+
+    return grouping_mod.search(kv, kv_heads, cost, seed=seed)
+
+
 def merge_layer(
     w: AttentionWeights,
     stats: LayerStats | None,
@@ -80,17 +101,7 @@ def merge_layer(
     def solve_v(g: tuple[int, ...]) -> Merge:
         return solve_real(stats.v, g, met_v, d, method)
 
-    if grouping == "search":
-        singles = [(j,) for j in range(kv)]
-        k_tot = sum(solve_k(g).total for g in singles) or 1.0
-        v_tot = sum(solve_v(g).total for g in singles) or 1.0
-
-        def cost(g: tuple[int, ...]) -> float:
-            return solve_k(g).error / k_tot + solve_v(g).error / v_tot
-
-        groups = grouping_mod.search(kv, kv_heads, cost, seed=seed)
-    else:
-        groups = grouping_mod.adjacent(kv, kv_heads)
+    groups = choose_groups(grouping, kv, kv_heads, solve_k, solve_v, seed)
     key_merges = [solve_k(g) for g in groups]
     value_merges = [solve_v(g) for g in groups]
     fold_k = key_merges

@@ -21,9 +21,8 @@ import torch
 
 from ..arch import AttentionAdapter
 from ..calibration.stats import LayerStats, StatsCollector, weight_stats
-from . import grouping as grouping_mod
 from .fold import AttentionWeights, fold_layer
-from .layer import LayerResult, LayerShape
+from .layer import LayerResult, LayerShape, choose_groups
 from .solve import Merge, objective_metrics, solve_real
 
 
@@ -134,14 +133,7 @@ def project_layer(
     def solve_v(g: tuple[int, ...]) -> Merge:
         return solve_real(stats.v, g, met_v, d, method)
 
-    if grouping == "search":
-        k_tot = sum(solve_k((j,)).total for j in range(kv)) or 1.0
-        v_tot = sum(solve_v((j,)).total for j in range(kv)) or 1.0
-        groups = grouping_mod.search(
-            kv, kv_heads, lambda g: solve_k(g).error / k_tot + solve_v(g).error / v_tot, seed
-        )
-    else:
-        groups = grouping_mod.adjacent(kv, kv_heads)
+    groups = choose_groups(grouping, kv, kv_heads, solve_k, solve_v, seed)
     key_merges = [solve_k(g) for g in groups]
     value_merges = [solve_v(g) for g in groups]
     folded = fold_layer(w, [_passthrough(g, d, w.wq) for g in groups], value_merges, *_dims(shape))
