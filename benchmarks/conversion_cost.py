@@ -1,7 +1,7 @@
 """Peak RSS and wall time of a conversion vs the checkpoint size and one plain forward pass.
 
-    python benchmarks/synthetic_llama.py /tmp/llama1.5b          # once: 1.44B bf16, 2.9 GB
-    python benchmarks/conversion_cost.py /tmp/llama1.5b --kv-heads 8 [--propagate original]
+    python benchmarks/synthetic_llama.py /tmp/llama1.5b          # once: 1.55B bf16, 3.1 GB
+    python benchmarks/conversion_cost.py /tmp/llama1.5b --kv-heads 8 [--device cuda]
 
 Each measurement runs in its own subprocess (so peak RSS, ``ru_maxrss``, is that run's alone):
 1. forward: load the model with ``from_pretrained`` in the conversion's compute dtype and run
@@ -37,14 +37,21 @@ def child_forward(a: argparse.Namespace) -> dict:
 
     docs = load_documents(str(Path(a.model) / "calibration.jsonl"))
     tokens = tokenize_documents(docs, None, a.num_samples, a.seq_len, a.seed)
+    # the conversion's compute dtype: float32 on the CPU, the checkpoint's dtype on a GPU
+    dtype = torch.float32 if a.device == "cpu" else "auto"
     rss0, t0 = peak_rss(), time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        a.model, dtype=dtype, device_map=None if a.device == "cpu" else a.device
+    ).eval()
+    sync(a.device)
     t1 = time.perf_counter()
     with torch.inference_mode():
         for b in batches(tokens, a.batch_size):
-            model(input_ids=b, use_cache=False, logits_to_keep=1)
+            model(input_ids=b.to(a.device), use_cache=False, logits_to_keep=1)
+    sync(a.device)
     t2 = time.perf_counter()
     return {
+        "gpu_peak": gpu_peak(a.device),
         "load_s": t1 - t0,
         "forward_s": t2 - t1,
         "peak_rss": peak_rss(),
@@ -66,9 +73,28 @@ def child_convert(a: argparse.Namespace) -> dict:
         batch_size=a.batch_size,
         seed=a.seed,
         propagate=a.propagate,
+        device=a.device,
         progress=False,
     )
-    return {"convert_s": time.perf_counter() - t0, "peak_rss": peak_rss(), "rss_after_import": rss0}
+    return {
+        "convert_s": time.perf_counter() - t0,
+        "peak_rss": peak_rss(),
+        "rss_after_import": rss0,
+        "gpu_peak": gpu_peak(a.device),
+    }
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gpu_peak(device: str) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
 
 
 def run_child(kind: str, a: argparse.Namespace, extra: list[str]) -> dict:
@@ -91,6 +117,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--propagate", default="original", choices=["original", "converted"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the conversion's --device)")
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--child", choices=["forward", "convert"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -101,25 +128,30 @@ def main() -> None:
         return
     opts = ["--kv-heads", str(a.kv_heads), "--num-samples", str(a.num_samples)]
     opts += ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--seed", str(a.seed)]
-    opts += ["--propagate", a.propagate]
+    opts += ["--propagate", a.propagate, "--device", a.device]
     ckpt = sum(p.stat().st_size for p in Path(a.model).glob("*.safetensors"))
     with tempfile.TemporaryDirectory(dir=Path(a.model).parent) as tmp:
         conv = run_child("convert", a, [*opts, "--out", str(Path(tmp) / "out")])
     fwd = None if a.skip_forward else run_child("forward", a, opts)
     gb = 1e9
     print(f"checkpoint: {a.model}, {ckpt / gb:.3f} GB of safetensors")
-    print(f"calibration: {a.num_samples} x {a.seq_len} tokens, batch {a.batch_size}")
+    print(
+        f"calibration: {a.num_samples} x {a.seq_len} tokens, batch {a.batch_size}, "
+        f"device {a.device}"
+    )
     print(
         f"convert (--propagate {a.propagate}): {conv['convert_s']:.1f} s "
         f"(process {conv['process_wall_s']:.1f} s), peak RSS {conv['peak_rss'] / gb:.3f} GB "
         f"= {conv['peak_rss'] / ckpt:.3f}x checkpoint (target < 0.35x); "
-        f"RSS after imports {conv['rss_after_import'] / gb:.3f} GB"
+        f"RSS after imports {conv['rss_after_import'] / gb:.3f} GB; "
+        f"peak GPU memory {conv['gpu_peak'] / gb:.3f} GB"
     )
     if fwd:
         print(
-            f"forward baseline (float32): load {fwd['load_s']:.1f} s + forward "
+            f"forward baseline ({'float32' if a.device == 'cpu' else 'checkpoint dtype'}): "
+            f"load {fwd['load_s']:.1f} s + forward "
             f"{fwd['forward_s']:.1f} s (process {fwd['process_wall_s']:.1f} s), peak RSS "
-            f"{fwd['peak_rss'] / gb:.3f} GB"
+            f"{fwd['peak_rss'] / gb:.3f} GB, peak GPU memory {fwd['gpu_peak'] / gb:.3f} GB"
         )
         print(
             f"convert / forward = {conv['convert_s'] / fwd['forward_s']:.2f}x; "

@@ -1,11 +1,11 @@
 """Write a random-weight Llama checkpoint straight to safetensors shards (run by hand).
 
-    python benchmarks/synthetic_llama.py OUT [--layers 24 --hidden 2048 --intermediate 6144
+    python benchmarks/synthetic_llama.py OUT [--layers 26 --hidden 2048 --intermediate 6144
         --heads 16 --kv-heads 16 --vocab 32000 --dtype bfloat16 --shard-size 1GB]
 
 No model is instantiated: each tensor is drawn (seeded), streamed into the shard writer and
 dropped, so writing a 1.5B-parameter checkpoint needs one tensor of memory. The defaults give
-about 1.44B parameters (2.9 GB in bf16); the folder loads with the stock ``LlamaForCausalLM``.
+about 1.55B parameters (3.1 GB in bf16); the folder loads with the stock ``LlamaForCausalLM``.
 Also writes ``calibration.jsonl``: ``--calib-docs`` pre-tokenized documents of
 ``--calib-len`` random token ids.
 """
@@ -46,7 +46,7 @@ def tensor_shapes(a: argparse.Namespace) -> list[tuple[str, tuple[int, ...]]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("output")
-    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--layers", type=int, default=26)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=6144)
     ap.add_argument("--heads", type=int, default=16)
