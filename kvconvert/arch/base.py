@@ -51,6 +51,11 @@ class AttentionAdapter:
     #: what ``--target`` produces for this architecture: target -> output kind
     #: ("stock": the stock transformers class loads it, no remote code).
     outputs: dict[str, str] = field(default_factory=lambda: {"gqa": "stock"})
+    #: the ``--target pod`` output class per model_type: absent = kvconvert's own Llama-layout
+    #: PoD model (``modeling_kvconvert_pod.py``); X = ``KVConvertPod{X}ForCausalLM`` in
+    #: ``modeling_kvconvert_pod_stock.py``, the stock class of this architecture with PoD
+    #: attention (sliding-window layers keep their stock cache and own keys there).
+    pod_models: dict[str, str] = field(default_factory=dict)
     #: checkpoint name of the token embedding, and module path of the model-level rotary
     #: embedding (used by the layer-sequential engine, which never builds the whole model).
     embed_tokens: str = "model.embed_tokens.weight"

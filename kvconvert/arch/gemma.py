@@ -13,6 +13,8 @@ GEMMA = AttentionAdapter(
     name="gemma",
     model_types=("gemma", "gemma2"),
     biases=("q", "k", "v", "o"),
+    outputs={"gqa": "stock", "pod": "kvconvert", "gqa,pod": "kvconvert"},
+    pod_models={"gemma": "Gemma", "gemma2": "Gemma2"},
     notes="separate q/k/v/o; explicit head_dim; scaled embeddings, soft-capping and sliding "
     "layers (gemma2) kept from the config; RoPE rotate_half",
 )

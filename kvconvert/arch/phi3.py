@@ -13,6 +13,8 @@ PHI3 = AttentionAdapter(
     model_types=("phi3",),
     qkv_proj="self_attn.qkv_proj",
     rotary_fraction_key="partial_rotary_factor",
+    outputs={"gqa": "stock", "pod": "kvconvert", "gqa,pod": "kvconvert"},
+    pod_models={"phi3": "Phi3"},
     notes="fused qkv_proj [q; k; v] split for solving, re-fused on writing; RoPE rotate_half, "
     "partial_rotary_factor",
 )

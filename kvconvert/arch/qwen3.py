@@ -15,6 +15,8 @@ QWEN3 = AttentionAdapter(
     biases=("q", "k", "v", "o"),
     q_norm="self_attn.q_norm",
     k_norm="self_attn.k_norm",
+    outputs={"gqa": "stock", "pod": "kvconvert", "gqa,pod": "kvconvert"},
+    pod_models={"qwen3": "Qwen3"},
     notes="separate q/k/v/o; per-head q/k RMSNorm before RoPE (approximate fold, exact at "
     "identity); RoPE rotate_half",
 )

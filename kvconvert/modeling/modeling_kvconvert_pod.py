@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -27,6 +27,21 @@ from .configuration_kvconvert_pod import KVConvertPodConfig
 
 
 # --- cache ------------------------------------------------------------------------------------
+def runs(places: list[tuple[object, int]]) -> list[tuple[object, int, int]]:
+    """Merge per-head (where, index) into contiguous (where, start, stop) slices."""
+    out: list[tuple[object, int, int]] = []
+    for where, i in places:
+        if out and out[-1][0] == where and out[-1][2] == i:
+            out[-1] = (where, out[-1][1], i + 1)
+        else:
+            out.append((where, i, i + 1))
+    return out
+
+
+def cat_heads(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class PodCacheLayer(CacheLayerMixin):
     """One layer's cache: full keys of the heads it owns, windowed keys of the heads it borrows.
 
@@ -38,10 +53,26 @@ class PodCacheLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, owned: list[int], borrowing: list[int]):
+    def __init__(self, pod_map: list[list[int]], layer_idx: int):
         super().__init__()
-        self.owned, self.borrowing = owned, borrowing
+        sources = pod_map[layer_idx]
+        self.owned = [h for h, b in enumerate(sources) if b == layer_idx]
+        self.borrowing = [h for h, b in enumerate(sources) if b != layer_idx]
+        self.shares = bool(self.borrowing)
         self.window_keys: torch.Tensor | None = None
+        # Per KV head, where its keys live, as contiguous slices: distant tokens in the full
+        # keys of its block bottom (layer, start, stop); proximal tokens in this layer's full
+        # keys ("own") or window keys ("window").
+        owned_by = {src: [g for g, b in enumerate(pod_map[src]) if b == src] for src in sources}
+        self.distant_runs = runs([(src, owned_by[src].index(h)) for h, src in enumerate(sources)])
+        self.proximal_runs = runs(
+            [
+                ("own", self.owned.index(h))
+                if b == layer_idx
+                else ("window", self.borrowing.index(h))
+                for h, b in enumerate(sources)
+            ]
+        )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -112,14 +143,17 @@ class PodCache(Cache):
     layers still hold. ``begin`` is called once per forward, before the layers run.
     """
 
-    def __init__(self, config: KVConvertPodConfig):
-        layers = []
-        for i, row in enumerate(config.pod_map):
-            owned = [h for h, b in enumerate(row) if b == i]
-            borrowing = [h for h, b in enumerate(row) if b != i]
-            layers.append(PodCacheLayer(owned, borrowing))
+    def __init__(self, config: KVConvertPodConfig, sliding: list[int | None] | None = None):
+        # ``sliding[i]``: the window of a sliding-window layer that keeps the stock sliding cache
+        # (it never shares keys, so it holds only its window, as the stock cache does)
+        self.windows = sliding or [None] * len(config.pod_map)
+        layers = [
+            PodCacheLayer(config.pod_map, i) if w is None else DynamicSlidingWindowLayer(w)
+            for i, w in enumerate(self.windows)
+        ]
         super().__init__(layers=layers)
         self.sink, self.recent = config.pod_sink, config.pod_recent
+        self._masks: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.kept_slots: torch.Tensor | None = None
@@ -163,6 +197,47 @@ class PodCache(Cache):
         is_recent = self.window_slots >= total - self.recent
         self.keep = torch.nonzero(is_sink | is_recent).flatten()
         self.kept_slots = self.window_slots[self.keep]
+        self._masks = {}
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Store a layer's new tokens; return the keys and values its attention reads.
+
+        A layer that borrows gets its heads' distant keys (all slots, from the block bottoms)
+        followed by its proximal keys (``window_slots``), and values to match; see ``masks``.
+        """
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, PodCacheLayer):  # a stock sliding-window layer
+            return layer.update(key_states, value_states)
+        layer.update(key_states, value_states)
+        if not layer.shares:
+            return layer.keys, layer.values
+        slots = self.window_slots
+        distant = cat_heads([self.layers[src].keys[:, a:b] for src, a, b in layer.distant_runs])
+        proximal = cat_heads(
+            [
+                layer.keys[:, a:b].index_select(2, slots)
+                if where == "own"
+                else layer.window_keys[:, a:b]
+                for where, a, b in layer.proximal_runs
+            ]
+        )
+        keys = torch.cat([distant, proximal], dim=2)
+        values = torch.cat([layer.values, layer.values.index_select(2, slots)], dim=2)
+        layer.evict(self.keep)  # the tensors above are copies: the window can shrink now
+        return keys, values
+
+    def masks(self, layer_idx: int, query_length: int) -> torch.Tensor:
+        """Boolean mask (batch, 1, queries, keys) matching what ``update`` returns for the
+        layer; ask before its ``update`` (a sliding layer's held tokens count then)."""
+        window = self.windows[layer_idx]
+        if window not in self._masks:
+            self._masks[window] = pod_masks(self, query_length, window)
+        full, split = self._masks[window]
+        layer = self.layers[layer_idx]
+        if isinstance(layer, PodCacheLayer):
+            return split if layer.shares else full
+        held = layer.keys.shape[-2] if layer.is_initialized else 0
+        return full[..., full.shape[-1] - query_length - held :]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -287,21 +362,6 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def runs(places: list[tuple[object, int]]) -> list[tuple[object, int, int]]:
-    """Merge per-head (where, index) into contiguous (where, start, stop) slices."""
-    out: list[tuple[object, int, int]] = []
-    for where, i in places:
-        if out and out[-1][0] == where and out[-1][2] == i:
-            out[-1] = (where, out[-1][1], i + 1)
-        else:
-            out.append((where, i, i + 1))
-    return out
-
-
-def cat_heads(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
 class PodAttention(nn.Module):
     """Attention whose borrowing heads read distant tokens through the block bottom's keys."""
 
@@ -319,39 +379,6 @@ class PodAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=qkv_bias)
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=config.attention_out_bias)
-        # Per KV head, where its keys live, as contiguous slices: distant tokens in the full
-        # keys of its block bottom (layer, start, stop); proximal tokens in this layer's full
-        # keys ("own") or window keys ("window").
-        pod_map = config.pod_map
-        self.sources = pod_map[layer_idx]
-        self.shares = any(b != layer_idx for b in self.sources)
-        owned_by = {
-            src: [g for g, b in enumerate(pod_map[src]) if b == src] for src in self.sources
-        }
-        self.distant_runs = runs(
-            [(src, owned_by[src].index(h)) for h, src in enumerate(self.sources)]
-        )
-        borrowing = [g for g, b in enumerate(self.sources) if b != layer_idx]
-        self.proximal_runs = runs(
-            [
-                ("own", owned_by[b].index(h)) if b == layer_idx else ("window", borrowing.index(h))
-                for h, b in enumerate(self.sources)
-            ]
-        )
-
-    def _keys(self, cache: PodCache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(distant keys over all slots, proximal keys over ``slots``), heads in order."""
-        layer = cache.layers[self.layer_idx]
-        distant = cat_heads([cache.layers[src].keys[:, a:b] for src, a, b in self.distant_runs])
-        proximal = cat_heads(
-            [
-                layer.keys[:, a:b].index_select(2, slots)
-                if where == "own"
-                else layer.window_keys[:, a:b]
-                for where, a, b in self.proximal_runs
-            ]
-        )
-        return distant, proximal
 
     def forward(self, hidden_states, position_embeddings, masks, cache: PodCache, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -362,17 +389,9 @@ class PodAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
 
-        layer = cache.layers[self.layer_idx]
-        layer.update(key, value)
+        keys, values = cache.update(key, value, self.layer_idx)
         full_mask, split_mask = masks
-        if not self.shares:
-            keys, values, mask = layer.keys, layer.values, full_mask
-        else:
-            slots = cache.window_slots
-            distant, proximal = self._keys(cache, slots)
-            keys = torch.cat([distant, proximal], dim=2)
-            values = torch.cat([layer.values, layer.values.index_select(2, slots)], dim=2)
-            mask = split_mask
+        mask = split_mask if cache.layers[self.layer_idx].shares else full_mask
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -386,7 +405,6 @@ class PodAttention(nn.Module):
             scaling=self.scaling,
             is_causal=False,
         )
-        layer.evict(cache.keep)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 

@@ -14,6 +14,12 @@ from ..arch import AttentionAdapter
 
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 POD_FILES = ("configuration_kvconvert_pod.py", "modeling_kvconvert_pod.py")
+#: the stock-architecture PoD models import the PodCache from modeling_kvconvert_pod.py
+STOCK_POD_FILES = (
+    *POD_FILES,
+    "configuration_kvconvert_pod_stock.py",
+    "modeling_kvconvert_pod_stock.py",
+)
 AUTO_MAP = {
     "AutoConfig": "configuration_kvconvert_pod.KVConvertPodConfig",
     "AutoModel": "modeling_kvconvert_pod.KVConvertPodModel",
@@ -36,6 +42,23 @@ def pod_config(
     """config.json of the PoD output: the source's, plus resolved RoPE/window facts and PoD."""
     from transformers import AutoConfig
 
+    stock = adapter.pod_models.get(source_config.get("model_type"))
+    if stock:  # the stock config, verbatim, plus the PoD fields
+        out = {k: v for k, v in source_config.items() if k != "auto_map"}
+        out.update(
+            model_type=f"kvconvert_pod_{source_config['model_type']}",
+            architectures=[f"KVConvertPod{stock}ForCausalLM"],
+            auto_map={
+                "AutoConfig": f"configuration_kvconvert_pod_stock.KVConvertPod{stock}Config",
+                "AutoModelForCausalLM": f"modeling_kvconvert_pod_stock.KVConvertPod{stock}"
+                "ForCausalLM",
+            },
+            source_model_type=source_config.get("model_type"),
+            pod_sink=int(sink),
+            pod_recent=int(recent),
+            pod_map=[[int(b) for b in row] for row in pod_map],
+        )
+        return out
     resolved = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     out = {k: v for k, v in source_config.items() if k not in DROP_KEYS}
     out.update(
@@ -57,7 +80,9 @@ def pod_config(
     return out
 
 
-def copy_modeling_files(dst: Path) -> list[str]:
-    for name in POD_FILES:
+def copy_modeling_files(dst: Path, adapter: AttentionAdapter | None = None) -> list[str]:
+    """Copy the PoD remote code the output's config names (see :func:`pod_config`)."""
+    files = STOCK_POD_FILES if adapter is not None and adapter.pod_models else POD_FILES
+    for name in files:
         shutil.copy2(MODELING_DIR / name, dst / name)
-    return list(POD_FILES)
+    return list(files)

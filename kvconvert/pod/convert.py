@@ -33,7 +33,25 @@ from .layermap import (
 from .similarity import NUM_QUERIES, layer_similarity
 
 
-def choose_map(recipe: Recipe, similarity: np.ndarray, context: int) -> tuple[list[list[int]], str]:
+def sliding_windows(src: Any) -> list[int | None]:
+    """Per layer, the window of a sliding-window layer that keeps the stock sliding cache and
+    never shares (stock-architecture PoD outputs only; the Llama-layout PoD model keeps full
+    caches everywhere, so every layer may share there)."""
+    if not src.adapter.pod_models.get(src.config.get("model_type")):
+        return [None] * src.num_layers
+    from transformers import AutoConfig
+
+    from ..modeling.configuration_kvconvert_pod_stock import sliding_windows as stock_rule
+
+    return stock_rule(AutoConfig.from_pretrained(src.folder))
+
+
+def choose_map(
+    recipe: Recipe,
+    similarity: np.ndarray,
+    context: int,
+    windows: list[int | None] | None = None,
+) -> tuple[list[list[int]], str]:
     """The layer map from similarities: a saving target if given, else the threshold."""
     if recipe.kv_saving is not None:
         pod_map = blocks_for_saving(
@@ -44,10 +62,11 @@ def choose_map(recipe: Recipe, similarity: np.ndarray, context: int) -> tuple[li
             context,
             recipe.max_block,
             recipe.keep_first,
+            windows,
         )
         return pod_map, f"kv_saving {recipe.kv_saving} at {context} tokens"
     pod_map = blocks_from_threshold(
-        similarity, recipe.threshold, recipe.max_block, recipe.keep_first
+        similarity, recipe.threshold, recipe.max_block, recipe.keep_first, windows
     )
     return pod_map, f"threshold {recipe.threshold}"
 
@@ -96,9 +115,10 @@ def _pod(
     out_dtype = None if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
     torch.manual_seed(recipe.seed)
     similarity = None
+    windows = sliding_windows(src)
     calib_info: dict[str, Any] = {"source": "none (--pod-map given)", "sequences": 0, "seq_len": 0}
     if recipe.pod_map:
-        pod_map = load_map(recipe.pod_map, L, kv)
+        pod_map = load_map(recipe.pod_map, L, kv, windows)
         context = recipe.context or recipe.seq_len
         how = f"file {recipe.pod_map}"
     else:
@@ -114,6 +134,7 @@ def _pod(
             recipe.recent,
             recipe.batch_size,
             progress,
+            windows,
         )
         del model
         calib_info = {
@@ -124,9 +145,9 @@ def _pod(
             "queries_per_sequence": NUM_QUERIES,
         }
         context = recipe.context or int(tokens.shape[1])
-        pod_map, how = choose_map(recipe, similarity, context)
+        pod_map, how = choose_map(recipe, similarity, context, windows)
     t_calib = time.perf_counter() - t0
-    saving = predicted_saving(pod_map, recipe.sink, recipe.recent, context)
+    saving = predicted_saving(pod_map, recipe.sink, recipe.recent, context, windows)
 
     with atomic_output(output, recipe.overwrite) as work:
         writer = ShardedWriter(work, parse_size(recipe.max_shard_size))
@@ -149,9 +170,12 @@ def _pod(
             config.pop("torch_dtype", None)
         write_json(work / "config.json", config)
         side = copy_side_files(src.folder, work)
-        code = copy_modeling_files(work)
+        code = copy_modeling_files(work, src.adapter)
         final_dtype = out_dtype or src.dtype
         dense = report_mod.kv_bytes_per_token([kv] * L, src.head_dim, final_dtype)
+        # what the stock cache holds at ``context`` (a sliding layer: its window only)
+        tokens = sum(context if w is None else min(context, w - 1) for w in windows)
+        held = dense // L * tokens
         rep = {
             **report_header(recipe, src, command, kv),
             "target": {
@@ -168,15 +192,19 @@ def _pod(
             "similarity": {
                 "what": "1 - JSD (base 2) of distant-token attention, rows: layers (l, l+1), "
                 "columns: KV heads",
-                "matrix": similarity.round(6).tolist() if similarity is not None else None,
+                "matrix": None
+                if similarity is None
+                else [
+                    [None if np.isnan(x) else round(float(x), 6) for x in row] for row in similarity
+                ],
             },
             "calibration": calib_info,
             "kv_bytes": {
                 "dense_per_token": dense,
                 "at_context": {
                     "tokens": context,
-                    "dense": dense * context,
-                    "pod": round(dense * context * (1 - saving)),
+                    "dense": held,
+                    "pod": round(held * (1 - saving)),
                 },
                 "dtype": str(final_dtype).removeprefix("torch."),
             },
@@ -192,7 +220,7 @@ def _pod(
                 k: gqa[k] for k in ("target", "calibration", "layers", "kv_bytes_per_token")
             }
             before = gqa["kv_bytes_per_token"]["before"]
-            rep["kv_bytes"]["at_context"]["original"] = before * context
+            rep["kv_bytes"]["at_context"]["original"] = before // L * tokens
         write_json(work / "kvconvert.json", rep)
         base = recipe.model if not Path(recipe.model).expanduser().exists() else None
         (work / "README.md").write_text(pod_model_card(rep, base))

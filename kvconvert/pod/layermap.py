@@ -3,6 +3,10 @@
 A map is ``pod_map[layer][kv_head] = bottom``: the first layer of the head's block of
 consecutive layers (``bottom == layer``: the head keeps its own keys). Maps come from a
 similarity threshold, a KV-saving target, or a user's JSON file.
+
+``windows[layer]`` (optional) is the sliding window of a layer that keeps the stock sliding
+cache (stock-architecture PoD outputs, e.g. Gemma 2's local layers): such a layer keeps its own
+keys, lends them to nobody, and a block skips over it (``links``).
 """
 
 from __future__ import annotations
@@ -24,34 +28,61 @@ def num_blocks(pod_map: list[list[int]]) -> int:
     return sum(b == layer for layer, row in enumerate(pod_map) for b in row)
 
 
-def predicted_saving(pod_map: list[list[int]], sink: int, recent: int, context: int) -> float:
-    """Fraction of the dense KV cache saved after ``context`` tokens:
-    1/2 * (1 - B / (L * KV)) * (T - P) / T, with P = sink + recent (0 when T <= P)."""
-    pairs = len(pod_map) * len(pod_map[0])
+def links(num_layers: int, windows: list[int | None] | None = None) -> list[int | None]:
+    """Per layer, the layer whose block it may join: the previous full-attention layer (None
+    for the first one and for sliding-window layers)."""
+    windows = windows or [None] * num_layers
+    prev: list[int | None] = []
+    last = None
+    for layer, w in enumerate(windows):
+        prev.append(last if w is None else None)
+        if w is None:
+            last = layer
+    return prev
+
+
+def predicted_saving(
+    pod_map: list[list[int]],
+    sink: int,
+    recent: int,
+    context: int,
+    windows: list[int | None] | None = None,
+) -> float:
+    """Fraction of the dense KV cache saved after ``context`` tokens.
+
+    Each borrowing (layer, head) keeps keys of only P = sink + recent tokens instead of T. With
+    full caches everywhere this is 1/2 * (1 - B / (L * KV)) * (T - P) / T (0 when T <= P); a
+    sliding-window layer holds min(T, window - 1) tokens, as the stock cache does."""
+    kv = len(pod_map[0])
+    windows = windows or [None] * len(pod_map)
+    dense = kv * sum(context if w is None else min(context, w - 1) for w in windows)
+    borrowing = sum(b != layer for layer, row in enumerate(pod_map) for b in row)
     far = max(context - sink - recent, 0)
-    return 0.5 * (1 - num_blocks(pod_map) / pairs) * far / context
+    return borrowing * far / (2 * dense)
 
 
-def map_from_joins(joined: np.ndarray) -> list[list[int]]:
-    """``joined[l, h]``: layer l joins the block of layer l - 1 for head h -> a pod_map."""
+def map_from_joins(joined: np.ndarray, prev: list[int | None] | None = None) -> list[list[int]]:
+    """``joined[l, h]``: layer l joins the block of ``prev[l]`` for head h -> a pod_map."""
     num_layers, kv = joined.shape
+    prev = prev or links(num_layers)
     rows = identity_map(num_layers, kv)
     for layer in range(1, num_layers):
         for h in range(kv):
-            if joined[layer, h]:
-                rows[layer][h] = rows[layer - 1][h]
+            if joined[layer, h] and prev[layer] is not None:
+                rows[layer][h] = rows[prev[layer]][h]
     return rows
 
 
-def _run_length(joined: np.ndarray, layer: int, head: int) -> int:
+def _run_length(joined: np.ndarray, layer: int, head: int, prev: list[int | None]) -> int:
     """Length of the block that would contain ``layer`` if it joined its predecessor."""
-    lo = layer - 1
-    while lo > 0 and joined[lo, head]:
-        lo -= 1
+    nxt = {p: k for k, p in enumerate(prev) if p is not None}
+    size, lo = 1, layer
+    while joined[lo, head] and prev[lo] is not None:
+        lo, size = prev[lo], size + 1
     hi = layer
-    while hi + 1 < joined.shape[0] and joined[hi + 1, head]:
-        hi += 1
-    return hi - lo + 1
+    while hi in nxt and joined[nxt[hi], head]:
+        hi, size = nxt[hi], size + 1
+    return size
 
 
 def _allowed(layer: int, keep_first: int) -> bool:
@@ -59,22 +90,29 @@ def _allowed(layer: int, keep_first: int) -> bool:
 
 
 def blocks_from_threshold(
-    similarity: np.ndarray, threshold: float, max_block: int | None = None, keep_first: int = 0
+    similarity: np.ndarray,
+    threshold: float,
+    max_block: int | None = None,
+    keep_first: int = 0,
+    windows: list[int | None] | None = None,
 ) -> list[list[int]]:
-    """Greedy blocks per head: layer l joins layer l - 1's block while their similarity
+    """Greedy blocks per head: layer l joins its predecessor's block while their similarity
     (``similarity[l - 1, h]``) is at least ``threshold`` and the block stays <= ``max_block``."""
     num_layers = similarity.shape[0] + 1
+    prev = links(num_layers, windows)
     joined = np.zeros((num_layers, similarity.shape[1]), dtype=bool)
     for h in range(similarity.shape[1]):
-        size = 1
-        for layer in range(1, num_layers):
-            ok = _allowed(layer, keep_first) and similarity[layer - 1, h] >= threshold
-            if ok and (max_block is None or size < max_block):
+        size = {}
+        for layer in range(num_layers):
+            p = prev[layer]
+            ok = p is not None and _allowed(layer, keep_first)
+            ok = ok and bool(similarity[layer - 1, h] >= threshold)
+            if ok and (max_block is None or size[p] < max_block):
                 joined[layer, h] = True
-                size += 1
+                size[layer] = size[p] + 1
             else:
-                size = 1
-    return map_from_joins(joined)
+                size[layer] = 1
+    return map_from_joins(joined, prev)
 
 
 def blocks_for_saving(
@@ -85,36 +123,42 @@ def blocks_for_saving(
     context: int,
     max_block: int | None = None,
     keep_first: int = 0,
+    windows: list[int | None] | None = None,
 ) -> list[list[int]]:
     """Take the most similar (layer, head) merges first until the predicted saving reaches
     ``target``; raise KVConvertError naming the reachable maximum when it cannot."""
     num_layers, kv = similarity.shape[0] + 1, similarity.shape[1]
+    prev = links(num_layers, windows)
     joined = np.zeros((num_layers, kv), dtype=bool)
-    order = np.argsort(-similarity, axis=None, kind="stable")
-    pod_map = map_from_joins(joined)
-    if predicted_saving(pod_map, sink, recent, context) >= target:
+    order = np.argsort(-np.nan_to_num(similarity, nan=-np.inf), axis=None, kind="stable")
+    pod_map = map_from_joins(joined, prev)
+    if predicted_saving(pod_map, sink, recent, context, windows) >= target:
         return pod_map
     for flat in order:
         layer, h = divmod(int(flat), kv)
         layer += 1
-        if not _allowed(layer, keep_first):
+        if prev[layer] is None or not _allowed(layer, keep_first):
             continue
         joined[layer, h] = True
-        if max_block is not None and _run_length(joined, layer, h) > max_block:
+        if max_block is not None and _run_length(joined, layer, h, prev) > max_block:
             joined[layer, h] = False
             continue
-        pod_map = map_from_joins(joined)
-        if predicted_saving(pod_map, sink, recent, context) >= target:
+        pod_map = map_from_joins(joined, prev)
+        if predicted_saving(pod_map, sink, recent, context, windows) >= target:
             return pod_map
-    best = predicted_saving(pod_map, sink, recent, context)
+    best = predicted_saving(pod_map, sink, recent, context, windows)
     raise KVConvertError(
         f"kv_saving: {target:.1%} cannot be reached at {context} tokens with sink {sink}, "
         f"recent {recent}, max_block {max_block}, keep_first {keep_first}: at most {best:.1%} "
-        "(the saving is capped at 50% since values are never shared)"
+        "(the saving is capped at 50% since values are never shared"
+        + (", and sliding-window layers never share" if windows and any(windows) else "")
+        + ")"
     )
 
 
-def load_map(path: str | Path, num_layers: int, num_kv_heads: int) -> list[list[int]]:
+def load_map(
+    path: str | Path, num_layers: int, num_kv_heads: int, windows: list[int | None] | None = None
+) -> list[list[int]]:
     """A map from JSON: ``[[bottom per KV head] per layer]``, ``[bottom per layer]`` (all heads
     alike), or an object with a ``pod_map`` key (e.g. a previous output's config.json)."""
     p = Path(path).expanduser()
@@ -128,20 +172,33 @@ def load_map(path: str | Path, num_layers: int, num_kv_heads: int) -> list[list[
         data = [[b] * num_kv_heads for b in data]
     if not isinstance(data, list) or not all(isinstance(r, list) for r in data):
         raise KVConvertError(f"pod_map: {p} holds no list of per-layer rows")
-    check_map(data, num_layers, num_kv_heads)
+    check_map(data, num_layers, num_kv_heads, windows)
     return data
 
 
-def check_map(pod_map: list[list[int]], num_layers: int, num_kv_heads: int) -> None:
+def check_map(
+    pod_map: list[list[int]],
+    num_layers: int,
+    num_kv_heads: int,
+    windows: list[int | None] | None = None,
+) -> None:
     if len(pod_map) != num_layers or any(len(r) != num_kv_heads for r in pod_map):
         raise KVConvertError(
             f"pod_map: needs {num_layers} rows (layers) of {num_kv_heads} entries (KV heads)"
         )
+    windows = windows or [None] * num_layers
+    full = [i for i, w in enumerate(windows) if w is None]
     for layer, row in enumerate(pod_map):
         for h, b in enumerate(row):
             if not isinstance(b, int) or not 0 <= b <= layer:
                 raise KVConvertError(f"pod_map[{layer}][{h}] = {b!r} must be a layer <= {layer}")
-            if any(pod_map[k][h] != b for k in range(b, layer + 1)):
+            if b != layer and (windows[layer] is not None or windows[b] is not None):
+                raise KVConvertError(
+                    f"pod_map[{layer}][{h}] = {b}: sliding-window layers "
+                    f"{[i for i, w in enumerate(windows) if w is not None]} keep their own keys "
+                    "and lend them to nobody"
+                )
+            if any(pod_map[k][h] != b for k in full if b <= k <= layer):
                 raise KVConvertError(
                     f"pod_map[{layer}][{h}] = {b}: layers {b}..{layer} must all use layer {b} "
                     f"for head {h} (a block is a run of consecutive layers)"
@@ -149,15 +206,19 @@ def check_map(pod_map: list[list[int]], num_layers: int, num_kv_heads: int) -> N
 
 
 def describe(pod_map: list[list[int]]) -> str:
-    """Blocks per KV head, e.g. "h0: 0-2 3 4; h1: 0 1-4"."""
+    """Blocks per KV head, e.g. "h0: 0-2 3 4; h1: 0 1-4" ("1,3": a block skipping layer 2)."""
     out = []
     for h in range(len(pod_map[0])):
-        blocks: list[list[int]] = []
+        blocks: dict[int, list[int]] = {}
         for layer, row in enumerate(pod_map):
-            if row[h] == layer:
-                blocks.append([layer])
-            else:
-                blocks[-1].append(layer)
-        text = " ".join(f"{b[0]}-{b[-1]}" if len(b) > 1 else str(b[0]) for b in blocks)
-        out.append(f"h{h}: {text}")
+            blocks.setdefault(row[h], []).append(layer)
+
+        def text(b: list[int]) -> str:
+            if len(b) == 1:
+                return str(b[0])
+            if b[-1] - b[0] == len(b) - 1:
+                return f"{b[0]}-{b[-1]}"
+            return ",".join(map(str, b))
+
+        out.append(f"h{h}: " + " ".join(text(b) for b in blocks.values()))
     return "; ".join(out)

@@ -12,17 +12,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..arch import AttentionAdapter
 from ..errors import KVConvertError
+from .layermap import links
 
 #: how many of the last positions of each calibration sequence act as queries
 NUM_QUERIES = 32
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def jsd_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -35,8 +34,37 @@ def jsd_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (kl(p) + kl(q)).sum(-1)
 
 
+PROBE = "kvconvert_distant_probe"
+
+
+def _attend(module, query, key, value, mask, scaling, softcap, window) -> torch.Tensor:
+    """The layer's real attention output, as the stock model computes it: SDPA, or the eager
+    math when logits are soft-capped (Gemma 2, whose stock model refuses SDPA)."""
+    if softcap is None:
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)[0]
+    groups = query.shape[1] // key.shape[1]
+    key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
+    scores = query @ key.transpose(-1, -2) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        t, s = query.shape[2], key.shape[2]
+        qi = torch.arange(s - t, s, device=query.device)[:, None]
+        ki = torch.arange(s, device=query.device)[None, :]
+        mask = (ki <= qi) & ((qi - ki < window) if window else True)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return (probs @ value).transpose(1, 2).contiguous()
+
+
 class DistantAttention:
-    """Forward hooks on every attention module; accumulates consecutive-layer similarity."""
+    """Probes every attention layer of a stock model; accumulates consecutive-layer similarity.
+
+    The model runs with a registered attention function (transformers' ``AttentionInterface``)
+    that receives exactly what the stock attention computed: queries and keys after q/k norms
+    and (partial) RoPE, the scaling (``query_pre_attn_scalar``...) and the soft-cap. It scores
+    the last queries against the distant keys, then returns the layer's real output. Layers
+    with a sliding window (``windows``) are skipped: they never share (see ``layermap.links``).
+    """
 
     def __init__(
         self,
@@ -46,59 +74,52 @@ class DistantAttention:
         sink: int,
         recent: int,
         num_queries: int = NUM_QUERIES,
+        windows: list[int | None] | None = None,
     ):
-        if adapter.rope_layout not in ("rotate_half", None):
-            raise KVConvertError(f"pod: RoPE layout {adapter.rope_layout!r} is not supported")
         self.model, self.adapter = model, adapter
         self.num_layers = adapter.num_layers(config)
-        self.heads, self.kv = adapter.num_heads(config), adapter.num_kv_heads(config)
-        self.head_dim = adapter.head_dim(config)
-        self.rotary = adapter.rotary_dim(config)
+        self.kv = adapter.num_kv_heads(config)
+        self.prev = links(self.num_layers, windows)
         self.sink, self.recent, self.num_queries = sink, recent, num_queries
-        self.total = torch.zeros(self.num_layers - 1, self.kv)
+        self.total = torch.full((self.num_layers - 1, self.kv), float("nan"))
+        for layer, p in enumerate(self.prev):
+            if p is not None:
+                self.total[layer - 1] = 0
         self.count = 0
-        self._prev: torch.Tensor | None = None
-        self._handles = []
+        self._probs: dict[int, torch.Tensor] = {}
 
     def __enter__(self) -> DistantAttention:
-        modules = dict(self.model.named_modules())
-        for i in range(self.num_layers):
-            name = self.adapter.module_name(i, "q").rsplit(".", 1)[0]
-            hook = self._hook(i)
-            self._handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+        AttentionInterface.register(PROBE, self._attention)
+        AttentionMaskInterface.register(PROBE, sdpa_mask)
+        self._impl = self.model.config._attn_implementation
+        self.model.set_attn_implementation(PROBE)
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
+        self.model.set_attn_implementation(self._impl)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        r = self.rotary
-        if r == 0:
-            return x
-        rot = x[..., :r] * cos[:, None, :, :r] + _rotate_half(x[..., :r]) * sin[:, None, :, :r]
-        return torch.cat([rot, x[..., r:]], dim=-1)
-
-    def _hook(self, layer: int):
-        def hook(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            cos, sin = kwargs["position_embeddings"]
-            self._layer(layer, module, hidden, cos, sin)
-
-        return hook
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+        if module.layer_idx == 0:
+            self.count += query.shape[0]
+        self._layer(module.layer_idx, query, key, scaling, softcap)
+        out = _attend(module, query, key, value, attention_mask, scaling, softcap, window)
+        return out, None
 
     @torch.no_grad()
-    def _layer(self, layer: int, module, hidden, cos, sin) -> None:
-        b, t, _ = hidden.shape
+    def _layer(self, layer: int, query, key, scaling: float, softcap: float | None) -> None:
+        linked = [p for p in self.prev if p is not None]
+        if layer not in linked and self.prev[layer] is None:
+            return  # neither a block bottom candidate nor a layer that may join one
+        b, _, t, _ = key.shape
         nq = min(self.num_queries, t)
-        d = self.head_dim
-        q = module.q_proj(hidden[:, -nq:]).view(b, nq, self.heads, d).transpose(1, 2)
-        k = module.k_proj(hidden).view(b, t, self.kv, d).transpose(1, 2)
-        q = self._rope(q.float(), cos[:, -nq:].float(), sin[:, -nq:].float())
-        k = self._rope(k.float(), cos.float(), sin.float())
-        groups = self.heads // self.kv
-        k = k.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * d**-0.5  # (b, heads, nq, t)
+        q = query[:, :, -nq:].float()
+        groups = q.shape[1] // self.kv
+        k = key.float().repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * scaling  # (b, heads, nq, t)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         qpos = torch.arange(t - nq, t, device=q.device)[:, None]
         kpos = torch.arange(t, device=q.device)[None, :]
         distant = (kpos >= self.sink) & (qpos - kpos > self.recent)
@@ -106,17 +127,17 @@ class DistantAttention:
         has = distant.any(-1)  # queries that see any distant token
         probs = torch.softmax(scores[:, :, has], dim=-1)
         probs = probs.view(b, self.kv, groups, -1, t).mean(2)  # (b, kv, queries, t)
-        if layer > 0 and self._prev is not None:
-            jsd = jsd_bits(self._prev, probs).mean(dim=(0, 2))  # (kv,)
+        p = self.prev[layer]
+        if p is not None and p in self._probs:
+            jsd = jsd_bits(self._probs.pop(p), probs).mean(dim=(0, 2))  # (kv,)
             if self.total.device != jsd.device:  # accumulate where the model runs
                 self.total = self.total.to(jsd.device)
             self.total[layer - 1] += (1 - jsd).float() * b
-        if layer == 0:
-            self.count += b
-        self._prev = probs
+        self._probs = {layer: probs}  # only the latest full layer is ever needed next
 
     def result(self) -> np.ndarray:
-        """similarity[l, h]: layers l and l + 1, KV head h (shape (L - 1, KV))."""
+        """similarity[l - 1, h]: layer l and the layer whose block it may join
+        (``links``; l - 1 without sliding layers), KV head h; NaN where l may join none."""
         return (self.total / max(self.count, 1)).cpu().double().numpy()
 
 
@@ -130,6 +151,7 @@ def layer_similarity(
     recent: int,
     batch_size: int,
     progress: bool = True,
+    windows: list[int | None] | None = None,
 ) -> np.ndarray:
     """1 - JSD of consecutive layers' distant-token attention, (L - 1, KV), from ``tokens``."""
     if tokens.shape[1] <= sink + recent + 1:
@@ -139,7 +161,7 @@ def layer_similarity(
             "smaller --recent"
         )
     device = next(model.parameters()).device
-    with DistantAttention(model, adapter, config, sink, recent) as acc:
+    with DistantAttention(model, adapter, config, sink, recent, windows=windows) as acc:
         n = (tokens.shape[0] + batch_size - 1) // batch_size
         for i in tqdm(range(n), desc="layer similarity", disable=not progress):
             batch = tokens[i * batch_size : (i + 1) * batch_size].to(device)

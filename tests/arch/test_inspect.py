@@ -47,7 +47,11 @@ def test_cli_supported_and_unsupported(arch_models, tmp_path):
     ok = runner.invoke(main, ["inspect", str(arch_models["gemma2"])])
     assert ok.exit_code == 0 and "supported (gemma2" in ok.output and "head_dim 24" in ok.output
     as_json = runner.invoke(main, ["inspect", str(arch_models["gemma2"]), "--json"])
-    assert json.loads(as_json.output)["targets"] == {"gqa": "stock"}
+    assert json.loads(as_json.output)["targets"] == {
+        "gqa": "stock",
+        "pod": "kvconvert",
+        "gqa,pod": "kvconvert",
+    }
     bad = tmp_path / "gpt2"
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "gpt2"}')

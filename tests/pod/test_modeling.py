@@ -29,9 +29,10 @@ def make_pod(src: Path, dst: Path, pod_map, sink: int = SINK, recent: int = RECE
     names = set(safe_open(str(src / "model.safetensors"), "pt").keys())
     dst.mkdir(parents=True)
     shutil.copy(src / "model.safetensors", dst)
-    conf = pod_config(cfg, src, get_adapter(cfg["model_type"]), names, pod_map, sink, recent)
+    adapter = get_adapter(cfg["model_type"])
+    conf = pod_config(cfg, src, adapter, names, pod_map, sink, recent)
     (dst / "config.json").write_text(json.dumps(conf))
-    copy_modeling_files(dst)
+    copy_modeling_files(dst, adapter)
     return dst
 
 

@@ -1,0 +1,114 @@
+"""Configuration of a PoD checkpoint built on a stock transformers architecture.
+
+Each class is the stock config of its architecture (every key of the source kept verbatim:
+head_dim, soft-caps, sliding layers, RoPE...) plus the PoD fields:
+
+- ``pod_sink`` (n_s): the first n_s tokens of a sequence are always proximal.
+- ``pod_recent`` (n_r): a key is proximal to a query when it is at most n_r positions before it.
+- ``pod_map``: ``pod_map[layer][kv_head]`` is the layer whose keys that head uses for distant
+  tokens (the bottom of its block); ``None`` means every layer is its own block.
+
+Sliding-window layers keep the stock sliding cache (only their window) and their own keys; a
+block is a run of consecutive full-attention layers (sliding layers in between are skipped).
+Written by kvconvert; stands alone (only transformers is needed to load it with
+``trust_remote_code=True``).
+"""
+
+from transformers import Gemma2Config, GemmaConfig, Phi3Config, Qwen3Config
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Per layer, the sliding window the stock model applies there (None: full attention).
+
+    ``layer_types`` when the config has them (gemma2, qwen3), else the stock rule of configs
+    without them (phi3): ``sliding_window`` set means every layer slides.
+    """
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return [window if kind == "sliding_attention" else None for kind in kinds]
+    return [window] * config.num_hidden_layers
+
+
+def check_pod_config(config) -> None:
+    """Fill the identity map when absent; refuse a map the PoD cache cannot hold."""
+    layers, kv = config.num_hidden_layers, config.num_key_value_heads
+    if config.pod_map is None:
+        config.pod_map = [[i] * kv for i in range(layers)]
+    pod_map, windows = config.pod_map, sliding_windows(config)
+    if len(pod_map) != layers or any(len(row) != kv for row in pod_map):
+        raise ValueError(f"pod_map must be {layers} rows of {kv} layer indices")
+    full = [i for i, w in enumerate(windows) if w is None]
+    for layer, row in enumerate(pod_map):
+        for head, bottom in enumerate(row):
+            if windows[layer] is not None and bottom != layer:
+                raise ValueError(
+                    f"pod_map[{layer}][{head}] = {bottom}: layer {layer} is a sliding-window "
+                    "layer, it keeps its own keys"
+                )
+            if bottom == layer:
+                continue
+            if not 0 <= bottom < layer or windows[bottom] is not None:
+                raise ValueError(
+                    f"pod_map[{layer}][{head}] = {bottom} is not a full-attention layer <= {layer}"
+                )
+            if any(pod_map[k][head] != bottom for k in full if bottom <= k <= layer):
+                raise ValueError(
+                    f"pod_map[{layer}][{head}] = {bottom}: the full-attention layers {bottom}.."
+                    f"{layer} must all use layer {bottom} for head {head} (blocks are runs of "
+                    "consecutive layers)"
+                )
+    if config.pod_sink < 0 or config.pod_recent < 0:
+        raise ValueError("pod_sink and pod_recent must be >= 0")
+
+
+class KVConvertPodPhi3Config(Phi3Config):
+    model_type = "kvconvert_pod_phi3"
+    pod_sink: int = 16
+    pod_recent: int = 4080
+    pod_map: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_pod_config(self)
+
+
+class KVConvertPodQwen3Config(Qwen3Config):
+    model_type = "kvconvert_pod_qwen3"
+    pod_sink: int = 16
+    pod_recent: int = 4080
+    pod_map: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_pod_config(self)
+
+
+class KVConvertPodGemmaConfig(GemmaConfig):
+    model_type = "kvconvert_pod_gemma"
+    pod_sink: int = 16
+    pod_recent: int = 4080
+    pod_map: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_pod_config(self)
+
+
+class KVConvertPodGemma2Config(Gemma2Config):
+    model_type = "kvconvert_pod_gemma2"
+    pod_sink: int = 16
+    pod_recent: int = 4080
+    pod_map: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_pod_config(self)
+
+
+__all__ = [
+    "KVConvertPodGemma2Config",
+    "KVConvertPodGemmaConfig",
+    "KVConvertPodPhi3Config",
+    "KVConvertPodQwen3Config",
+]
