@@ -12,12 +12,13 @@ separate q/k/v/o roles the solver works on, :meth:`AttentionAdapter.join` turns 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..errors import KVConvertError
+from ..modeling import RemoteFamily
 
 PROJ_KEYS = ("q", "k", "v", "o")
 KINDS = ("weight", "bias")
@@ -49,8 +50,12 @@ class AttentionAdapter:
     q_norm: str | None = None
     k_norm: str | None = None
     #: what ``--target`` produces for this architecture: target -> output kind
-    #: ("stock": the stock transformers class loads it, no remote code).
+    #: ("stock": the stock transformers class loads it, no remote code; "kvconvert": it loads
+    #: with ``trust_remote_code=True``, kvconvert's model files written into it).
     outputs: dict[str, str] = field(default_factory=lambda: {"gqa": "stock"})
+    #: the modeling code a ``--target gqa`` output gets when no stock class has GQA for this
+    #: architecture (``outputs["gqa"] == "kvconvert"``), or None.
+    remote_family: RemoteFamily | None = None
     #: checkpoint name of the token embedding, and module path of the model-level rotary
     #: embedding (used by the layer-sequential engine, which never builds the whole model).
     embed_tokens: str = "model.embed_tokens.weight"
@@ -92,6 +97,13 @@ class AttentionAdapter:
         return out
 
     # --- checkpoint names ---------------------------------------------------------------
+    def output_adapter(self) -> AttentionAdapter:
+        """The adapter of the ``--target gqa`` output's layout: this one, or the remote family's
+        (e.g. GPT-NeoX's fused per-head qkv is written as separate q/k/v projections)."""
+        if self.remote_family is None or not self.remote_family.layout:
+            return self
+        return replace(self, **self.remote_family.layout)
+
     @property
     def has_qk_norm(self) -> bool:
         return self.k_norm is not None
