@@ -15,7 +15,7 @@ import torch
 from kvconvert.arch import get_adapter, supported_model_types
 from kvconvert.arch.base import fuse_qkv, split_qkv
 from kvconvert.errors import KVConvertError
-from kvconvert.inspection import inspect_model
+from kvconvert.inspection import format_info, inspect_model
 from tests.arch.models import fold_identity_in_place
 from tests.conftest import load, token_ids
 
@@ -73,3 +73,6 @@ def test_inspect_reports_layout(neox):
     assert info["supported"] and info["targets"] == {"gqa": "kvconvert"}
     assert info["rotary_dims"] == "4 of 16" and "query_key_value" in info["attention"]
     assert "gpt_neox" in supported_model_types()
+    text = format_info(info)
+    assert "--target gqa -> kvconvert output (trust_remote_code=True)" in text
+    assert "[q_h; k_h; v_h] per head" in text
