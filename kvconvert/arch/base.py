@@ -46,6 +46,12 @@ class AttentionAdapter:
     #: head h (GPT-NeoX, which therefore cannot hold fewer KV heads than query heads).
     qkv_proj: str | None = None
     qkv_layout: str = "concat"
+    #: weights stored (in_features, out_features), as GPT-2's ``Conv1D``: split / join
+    #: transpose them to and from the torch ``Linear`` layout the solver works in.
+    transposed: bool = False
+    #: config keys under the architecture's own names (GPT-2: ``{"num_attention_heads":
+    #: "n_head", ...}``); absent keys are read under the common name.
+    config_keys: dict[str, str] = field(default_factory=dict)
     #: per-head RMSNorm applied to q and to k before RoPE (weight shape (head_dim,)), or None.
     q_norm: str | None = None
     k_norm: str | None = None
@@ -63,18 +69,21 @@ class AttentionAdapter:
     notes: str = ""
 
     # --- config facts -------------------------------------------------------------------
+    def _key(self, name: str) -> str:
+        return self.config_keys.get(name, name)
+
     def num_layers(self, config: dict[str, Any]) -> int:
-        return int(config["num_hidden_layers"])
+        return int(config[self._key("num_hidden_layers")])
 
     def num_heads(self, config: dict[str, Any]) -> int:
-        return int(config["num_attention_heads"])
+        return int(config[self._key("num_attention_heads")])
 
     def num_kv_heads(self, config: dict[str, Any]) -> int:
         return int(config.get("num_key_value_heads") or self.num_heads(config))
 
     def head_dim(self, config: dict[str, Any]) -> int:
         hd = config.get("head_dim")
-        return int(hd) if hd else int(config["hidden_size"]) // self.num_heads(config)
+        return int(hd) if hd else int(config[self._key("hidden_size")]) // self.num_heads(config)
 
     def rotary_dim(self, config: dict[str, Any]) -> int:
         """Number of leading head dims that RoPE rotates (0 without RoPE)."""
@@ -141,7 +150,7 @@ class AttentionAdapter:
         self, stored: dict[str, torch.Tensor | None], num_heads: int, head_dim: int
     ) -> dict[str, torch.Tensor | None]:
         """Stored roles -> separate q/k/v/o roles (a fused qkv is cut into its three parts)."""
-        out = dict(stored)
+        out = self._transpose(stored)
         if self.qkv_proj:
             for kind in KINDS:
                 fused = out.pop(f"qkv.{kind}", None)
@@ -164,7 +173,16 @@ class AttentionAdapter:
                 out[f"qkv.{kind}"] = (
                     None if q is None else fuse_qkv(q, k, v, head_dim, self.qkv_layout)
                 )
-        return out
+        return self._transpose(out)
+
+    def _transpose(self, items: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """Projection weights between the stored layout and torch's (out, in) (``transposed``)."""
+        if not self.transposed:
+            return dict(items)
+        return {
+            role: t.T.contiguous() if t is not None and t.dim() == 2 else t
+            for role, t in items.items()
+        }
 
     def split_activation(
         self, module_role: str, out: torch.Tensor, num_heads: int, head_dim: int

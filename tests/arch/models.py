@@ -4,7 +4,8 @@ Each one exercises what its adapter is about: a fused qkv_proj with KV < H and p
 (phi3), per-head q/k norms with non-trivial weights (qwen3), head_dim != hidden/heads (gemma),
 soft-capping, query_pre_attn_scalar and sliding layers shorter than the test sequences (gemma2),
 fused per-head qkv with partial rotary (gpt_neox), absolute positions with project_in/out
-(opt; word_embed_proj_dim != hidden_size); biases made non-zero wherever the model has them.
+(opt; word_embed_proj_dim != hidden_size), a transposed Conv1D c_attn with per-layer attention
+scaling and the upcast/reordered eager path (gpt2); biases made non-zero wherever they exist.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ COMMON = dict(
 )
 ARCHS = ("phi3", "qwen3", "gemma", "gemma2")
 #: architectures whose GQA output loads through kvconvert's modeling code (remote code)
-REMOTE_ARCHS = ("gpt_neox", "opt")
-SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13, "gpt_neox": 14, "opt": 15}
+REMOTE_ARCHS = ("gpt_neox", "opt", "gpt2")
+SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13, "gpt_neox": 14, "opt": 15, "gpt2": 16}
 
 
 def build(kind: str, folder: Path) -> Path:
@@ -64,6 +65,21 @@ def build(kind: str, folder: Path) -> Path:
             num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=32, init_std=0.1, **opt
         )
         model = tf.OPTForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=96,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            scale_attn_by_inverse_layer_idx=True,
+            reorder_and_upcast_attn=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            initializer_range=0.1,
+        )
+        model = tf.GPT2LMHeadModel(cfg)
     else:
         cfg = tf.Gemma2Config(
             num_attention_heads=4,

@@ -48,12 +48,12 @@ def test_cli_supported_and_unsupported(arch_models, tmp_path):
     assert ok.exit_code == 0 and "supported (gemma2" in ok.output and "head_dim 24" in ok.output
     as_json = runner.invoke(main, ["inspect", str(arch_models["gemma2"]), "--json"])
     assert json.loads(as_json.output)["targets"] == {"gqa": "stock"}
-    bad = tmp_path / "gpt2"
+    bad = tmp_path / "bloom"
     bad.mkdir()
-    (bad / "config.json").write_text('{"model_type": "gpt2"}')
+    (bad / "config.json").write_text('{"model_type": "bloom"}')
     res = runner.invoke(main, ["inspect", str(bad)])
     assert res.exit_code == 1
-    assert "'gpt2' is not supported" in res.output and "qwen3" in res.output
+    assert "'bloom' is not supported" in res.output and "qwen3" in res.output
     assert "gpt_neox" in res.output and "opt" in res.output  # remote-code outputs count
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -1,4 +1,4 @@
-"""gpt_neox / opt end to end: transformers has no GQA for them, so the output carries
+"""gpt_neox / opt / gpt2 end to end: transformers has no GQA for them, so the output carries
 kvconvert's modeling code. Identity reproduces the stock logits (also where kvconvert is not
 importable), a halved-KV output loads with trust_remote_code, generates with a cache, halves
 the measured cache, and sdpa and eager attention agree."""
@@ -17,11 +17,16 @@ from safetensors import safe_open
 import kvconvert
 from kvconvert.errors import KVConvertError
 from kvconvert.evaluate import kv_cache_bytes
+from kvconvert.inspection import inspect_model
 from tests.arch.models import REMOTE_ARCHS
 from tests.conftest import FAST, load, logits, token_ids
 from tests.modeling.test_remote import LOADER
 
-CLASSES = {"gpt_neox": "KVConvertGPTNeoXForCausalLM", "opt": "KVConvertOPTForCausalLM"}
+CLASSES = {
+    "gpt_neox": "KVConvertGPTNeoXForCausalLM",
+    "opt": "KVConvertOPTForCausalLM",
+    "gpt2": "KVConvertGPT2LMHeadModel",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def converted(remote_arch_models, tmp_path_factory):
     out = {}
     for arch in REMOTE_ARCHS:
         src = remote_arch_models[arch]
-        kv = load(src).config.num_attention_heads
+        kv = load(src).config.num_attention_heads  # all three are MHA
         ident = kvconvert.convert(str(src), str(root / f"{arch}-id"), kv_heads=kv, **FAST)
         half = kvconvert.convert(str(src), str(root / f"{arch}-half"), kv_heads=kv // 2, **FAST)
         out[arch] = (src, ident, half)
@@ -119,6 +124,20 @@ def test_gpt_neox_written_as_separate_projections(converted):
     assert "lm_head.weight" in names and "embed_out.weight" not in names
 
 
+def test_gpt2_conv1d_written_back_fused_and_transposed(converted):
+    """c_attn stays one Conv1D, (in, out) = (64, (4 + 2 * 2) * 16), columns [q | k | v]."""
+    src, _, half = converted["gpt2"]
+    name = "transformer.h.0.attn.c_attn.weight"
+    with (
+        safe_open(str(src / "model.safetensors"), "pt") as a,
+        safe_open(str(half / "model.safetensors"), "pt") as b,
+    ):
+        old, new = a.get_tensor(name), b.get_tensor(name)
+        assert tuple(b.get_slice("transformer.h.0.attn.c_attn.bias").get_shape()) == (128,)
+    assert old.shape == (64, 192) and new.shape == (64, 128)
+    assert not torch.equal(new[:, :64], old[:, :64])  # queries absorbed the key merge
+
+
 def test_unsupported_options_refused(remote_arch_models, tmp_path):
     src = str(remote_arch_models["opt"])
     with pytest.raises(KVConvertError, match="kvconvert's modeling code"):
@@ -126,3 +145,12 @@ def test_unsupported_options_refused(remote_arch_models, tmp_path):
     with pytest.raises(KVConvertError, match="not available for 'opt'"):
         kvconvert.convert(src, str(tmp_path / "b"), kv_heads_per_layer="2,1", **FAST)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_gpt2_inspect_reads_its_own_config_names(remote_arch_models):
+    folder = remote_arch_models["gpt2"]
+    info = inspect_model(str(folder))  # n_head / n_embd / n_layer, not the common names
+    assert info["supported"] and info["targets"] == {"gqa": "kvconvert"}
+    assert (info["num_layers"], info["num_attention_heads"], info["head_dim"]) == (2, 4, 16)
+    ids = token_ids(1, 16)
+    assert info["kv_bytes_per_token"] * ids.numel() == kv_cache_bytes(load(folder), ids)
