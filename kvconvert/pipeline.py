@@ -62,18 +62,21 @@ class Source:
         self.num_layers, self.num_heads = a.num_layers(c), a.num_heads(c)
         self.num_kv_heads, self.head_dim = a.num_kv_heads(c), a.head_dim(c)
         self.shape = LayerShape(self.num_heads, self.num_kv_heads, self.head_dim, a.rope_pairs(c))
-        self.dtype = self.tensors.get(a.tensor_name(0, "k")).dtype
+        #: the adapter with tensor names as this checkpoint stores them (module names for
+        #: hooks stay ``adapter``'s): some are saved from the bare base model, e.g. ``h.0.``
+        self.stored = a.for_checkpoint(self.tensors)
+        self.dtype = self.tensors.get(self.stored.tensor_name(0, "k")).dtype
 
     def layer_weights(self, layer: int) -> AttentionWeights:
         """Layer ``layer``'s attention tensors, cut into q/k/v/o by the adapter (fused qkv)."""
-        a, t = self.adapter, self.tensors
+        a, t = self.stored, self.tensors
         stored = {role: t.get_optional(n) for role, n in a.layer_tensor_names(layer).items()}
         return AttentionWeights.from_items(a.split(stored, self.num_heads, self.head_dim))
 
     def attention_tensor_names(self, layer: int) -> dict[str, str]:
         """checkpoint name -> stored role (``adapter.join`` of the solved items), for tensors
         present."""
-        names = self.adapter.layer_tensor_names(layer)
+        names = self.stored.layer_tensor_names(layer)
         return {n: role for role, n in names.items() if n in self.tensors}
 
 
@@ -273,7 +276,7 @@ def attention_path(src: Source, layer: int) -> str:
 
 def remote_config(src: Source, recipe: Recipe, counts: list[int]) -> dict[str, Any]:
     proj = [src.num_kv_heads if recipe.rope_keys == "project" else 0] * src.num_layers
-    biases = {p: src.adapter.tensor_name(0, p, "bias") in src.tensors for p in "qkvo"}
+    biases = {p: src.stored.tensor_name(0, p, "bias") in src.tensors for p in "qkvo"}
     return remote.remote_config(src.config, counts, proj, biases)
 
 
@@ -340,7 +343,7 @@ def solved_tensors(
     solution, not the model's.
     """
     owner = {name: i for i in range(src.num_layers) for name in src.attention_tensor_names(i)}
-    out_adapter = src.adapter.output_adapter()
+    out_adapter = src.stored.output_adapter()
     renames = src.adapter.remote_family.renames if src.adapter.remote_family else {}
     bar = tqdm(total=src.num_layers, desc="solving layers", unit="layer", disable=not progress)
     for name in src.tensors.names():

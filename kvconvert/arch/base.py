@@ -12,6 +12,7 @@ separate q/k/v/o roles the solver works on, :meth:`AttentionAdapter.join` turns 
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -106,6 +107,19 @@ class AttentionAdapter:
         return out
 
     # --- checkpoint names ---------------------------------------------------------------
+    def for_checkpoint(self, names: Container[str]) -> AttentionAdapter:
+        """This adapter, with tensor names as a checkpoint holding ``names`` stores them.
+
+        Some checkpoints were saved from the bare base model and lack the first component of
+        ``layer_prefix`` (openai-community/gpt2 stores ``h.0.attn...``, not
+        ``transformer.h.0.attn...``); transformers loads both, and so does kvconvert. Module
+        names (for hooks on the loaded ``*ForCausalLM``) keep the full prefix.
+        """
+        if self.tensor_name(0, "k") in names:
+            return self
+        bare = replace(self, layer_prefix=self.layer_prefix.split(".", 1)[1])
+        return bare if bare.tensor_name(0, "k") in names else self
+
     def output_adapter(self) -> AttentionAdapter:
         """The adapter of the ``--target gqa`` output's layout: this one, or the remote family's
         (e.g. GPT-NeoX's fused per-head qkv is written as separate q/k/v projections)."""

@@ -154,3 +154,21 @@ def test_gpt2_inspect_reads_its_own_config_names(remote_arch_models):
     assert (info["num_layers"], info["num_attention_heads"], info["head_dim"]) == (2, 4, 16)
     ids = token_ids(1, 16)
     assert info["kv_bytes_per_token"] * ids.numel() == kv_cache_bytes(load(folder), ids)
+
+
+def test_gpt2_saved_from_the_bare_base_model(remote_arch_models, tmp_path):
+    """openai-community/gpt2 stores ``h.0.attn.c_attn.weight`` (no ``transformer.``): the
+    output keeps the checkpoint's names and still loads and reproduces the logits."""
+    src = tmp_path / "bare"
+    load(remote_arch_models["gpt2"]).transformer.save_pretrained(src)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        assert "h.0.attn.c_attn.weight" in f.keys()
+    out = kvconvert.convert(str(src), str(tmp_path / "o"), kv_heads=4, **FAST)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "h.0.attn.c_attn.weight" in f.keys()
+    ids = token_ids()
+    conv = load(out, trust_remote_code=True)
+    torch.testing.assert_close(logits(conv, ids), logits(src, ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        logits(src, ids), logits(remote_arch_models["gpt2"], ids), atol=0, rtol=0
+    )
