@@ -4,7 +4,8 @@
 
 For every architecture in tests/arch/models.py: max |logit difference| of the identity
 conversion (--kv-heads = the model's own count) for the methods svd and mean, and for a
-halved-KV svd conversion the KL to the original (nats/token) and the measured KV cache bytes.
+halved-KV conversion the KL to the original (nats/token) and the measured KV cache bytes.
+gpt_neox and opt outputs load through kvconvert's modeling code (trust_remote_code=True).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 import kvconvert
 from kvconvert.evaluate import kl_per_token, kv_cache_bytes
-from tests.arch.models import ARCHS, build
+from tests.arch.models import ARCHS, REMOTE_ARCHS, build
 from tests.conftest import FAST, load, token_ids
 
 
@@ -28,10 +29,10 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="kvc-arch-"))
     ids = token_ids(2, 40)
     print("arch    method  identity max|dlogit|   halved: KL nats/tok  KV bytes before->after")
-    for kind in ARCHS:
+    for kind in ARCHS + REMOTE_ARCHS:
         src = build(kind, root / kind)
         orig = load(src)
-        kv = orig.config.num_key_value_heads
+        kv = getattr(orig.config, "num_key_value_heads", None) or orig.config.num_attention_heads
         with torch.inference_mode():
             ref = orig(input_ids=ids).logits
         for method in ("svd", "mean"):
@@ -39,7 +40,8 @@ def main() -> None:
                 str(src), str(root / f"{kind}-{method}-id"), kv_heads=kv, method=method, **FAST
             )
             with torch.inference_mode():
-                err = (load(out)(input_ids=ids).logits - ref).abs().max().item()
+                conv = load(out, trust_remote_code=True)
+                err = (conv(input_ids=ids).logits - ref).abs().max().item()
             half = kvconvert.convert(
                 str(src),
                 str(root / f"{kind}-{method}-half"),
@@ -47,7 +49,7 @@ def main() -> None:
                 method=method,
                 **FAST,
             )
-            conv = load(half)
+            conv = load(half, trust_remote_code=True)
             kl = kl_per_token(orig, conv, ids)
             b0, b1 = kv_cache_bytes(orig, ids), kv_cache_bytes(conv, ids)
             print(

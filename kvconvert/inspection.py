@@ -90,7 +90,8 @@ def inspect_model(model: str, revision: str | None = None) -> dict[str, Any]:
         supported=bool(c.outputs),
         adapter=c.name,
         attention=(
-            f"fused {c.qkv_proj} [q; k; v]"
+            f"fused {c.qkv_proj} "
+            + ("[q_h; k_h; v_h] per head" if c.qkv_layout == "per_head" else "[q; k; v]")
             if c.qkv_proj
             else f"separate {c.q_proj}/{c.k_proj}/{c.v_proj}/{c.o_proj}"
         ),
@@ -111,6 +112,9 @@ def inspect_model(model: str, revision: str | None = None) -> dict[str, Any]:
         notes=c.notes,
     )
     return info
+
+
+_KINDS = {"stock": "stock output", "kvconvert": "kvconvert output (trust_remote_code=True)"}
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -135,7 +139,10 @@ def format_info(info: dict[str, Any]) -> str:
         f"  KV cache per token {info['kv_bytes_per_token']} bytes ({info['kv_dtype']})",
         "  --kv-heads N       " + ", ".join(f"{g}: {b} B/token" for g, b in choices.items()),
         "  targets            "
-        + (", ".join(f"--target {t} -> {k} output" for t, k in targets.items()) or "none yet"),
+        + (
+            f"\n{'':21}".join(f"--target {t} -> {_KINDS.get(k, k)}" for t, k in targets.items())
+            or "none yet"
+        ),
     ]
     if info["weights_found"] is False:
         lines.append("  warning            the layer-0 key projection was not found in the weights")

@@ -62,18 +62,21 @@ class Source:
         self.num_layers, self.num_heads = a.num_layers(c), a.num_heads(c)
         self.num_kv_heads, self.head_dim = a.num_kv_heads(c), a.head_dim(c)
         self.shape = LayerShape(self.num_heads, self.num_kv_heads, self.head_dim, a.rope_pairs(c))
-        self.dtype = self.tensors.get(a.tensor_name(0, "k")).dtype
+        #: the adapter with tensor names as this checkpoint stores them (module names for
+        #: hooks stay ``adapter``'s): some are saved from the bare base model, e.g. ``h.0.``
+        self.stored = a.for_checkpoint(self.tensors)
+        self.dtype = self.tensors.get(self.stored.tensor_name(0, "k")).dtype
 
     def layer_weights(self, layer: int) -> AttentionWeights:
         """Layer ``layer``'s attention tensors, cut into q/k/v/o by the adapter (fused qkv)."""
-        a, t = self.adapter, self.tensors
+        a, t = self.stored, self.tensors
         stored = {role: t.get_optional(n) for role, n in a.layer_tensor_names(layer).items()}
         return AttentionWeights.from_items(a.split(stored, self.num_heads, self.head_dim))
 
     def attention_tensor_names(self, layer: int) -> dict[str, str]:
         """checkpoint name -> stored role (``adapter.join`` of the solved items), for tensors
         present."""
-        names = self.adapter.layer_tensor_names(layer)
+        names = self.stored.layer_tensor_names(layer)
         return {n: role for role, n in names.items() if n in self.tensors}
 
 
@@ -91,10 +94,10 @@ def check_target(src: Source, target: str) -> None:
 def layer_counts(src: Source, recipe: Recipe) -> list[int]:
     """KV heads per layer from --kv-heads or --kv-heads-per-layer (--kv-budget: all, for now)."""
     if recipe.kv_heads_per_layer is not None:
-        return budget_mod.parse_heads_per_layer(
+        counts = budget_mod.parse_heads_per_layer(
             recipe.kv_heads_per_layer, src.num_layers, src.num_kv_heads
         )
-    if recipe.kv_budget is not None:
+    elif recipe.kv_budget is not None:
         budget_mod.budget_heads(recipe.kv_budget, src.num_layers, src.num_kv_heads)
         counts = [src.num_kv_heads] * src.num_layers
     else:
@@ -273,7 +276,7 @@ def attention_path(src: Source, layer: int) -> str:
 
 def remote_config(src: Source, recipe: Recipe, counts: list[int]) -> dict[str, Any]:
     proj = [src.num_kv_heads if recipe.rope_keys == "project" else 0] * src.num_layers
-    biases = {p: src.adapter.tensor_name(0, p, "bias") in src.tensors for p in "qkvo"}
+    biases = {p: src.stored.tensor_name(0, p, "bias") in src.tensors for p in "qkvo"}
     return remote.remote_config(src.config, counts, proj, biases)
 
 
@@ -334,45 +337,45 @@ def solved_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every output tensor in checkpoint order: attention layers solved lazily, one at a time.
 
-    A layer is solved when its first attention tensor is reached and dropped once all of its
-    tensors are out, so memory holds one layer's solution, not the model's.
+    A layer is solved when its first attention tensor is reached, and all of its attention
+    tensors are written then, named as the output's layout has them (``output_adapter``: the
+    source's, or e.g. GPT-NeoX's fused qkv as separate projections); memory holds one layer's
+    solution, not the model's.
     """
-    owner = {
-        name: (i, key)
-        for i in range(src.num_layers)
-        for name, key in src.attention_tensor_names(i).items()
-    }
-    pending: dict[int, dict[str, torch.Tensor | None]] = {}
-    remaining: dict[int, int] = {}
+    owner = {name: i for i in range(src.num_layers) for name in src.attention_tensor_names(i)}
+    out_adapter = src.stored.output_adapter()
+    renames = src.adapter.remote_family.renames if src.adapter.remote_family else {}
     bar = tqdm(total=src.num_layers, desc="solving layers", unit="layer", disable=not progress)
     for name in src.tensors.names():
         if name not in owner:
             t = src.tensors.get(name)
-            yield name, t.to(out_dtype) if out_dtype and t.is_floating_point() else t
+            yield (
+                renames.get(name, name),
+                t.to(out_dtype) if out_dtype and t.is_floating_point() else t,
+            )
             continue
-        i, key = owner[name]
-        if i not in pending:
-            w = src.layer_weights(i)
-            res = solve_layer(src, recipe, stats, device, i, counts[i])
-            new = res.weights.items()
-            bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
-            if bad:
-                raise KVConvertError(f"layer {i}: solved {', '.join(bad)} contain NaN/inf")
-            orig = src.adapter.join(w.items(), src.head_dim)
-            pending[i] = {
-                k: (v.to(out_dtype or orig[k].dtype) if v is not None else None)
-                for k, v in src.adapter.join(new, src.head_dim).items()
-            }
-            remaining[i] = len(src.attention_tensor_names(i))
-            results[i] = res
-            bar.update(1)
-        yield name, pending[i][key]
-        remaining[i] -= 1
-        if remaining[i] == 0:
-            del pending[i]
-            if isinstance(results[i], ProjectedLayerResult):  # run-time key projection
-                for extra, t in results[i].extra_tensors().items():
-                    yield f"{attention_path(src, i)}.{extra}", t.to(out_dtype or src.dtype)
+        i = owner[name]
+        if i in results:  # written with the layer's first attention tensor
+            continue
+        orig = src.layer_weights(i).items()
+        res = solve_layer(src, recipe, stats, device, i, counts[i])
+        new = res.weights.items()
+        bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
+        if bad:
+            raise KVConvertError(f"layer {i}: solved {', '.join(bad)} contain NaN/inf")
+        new = {
+            k: v if v is None else v.to(out_dtype or getattr(orig.get(k), "dtype", src.dtype))
+            for k, v in new.items()
+        }
+        names = out_adapter.layer_tensor_names(i)
+        for role, t in out_adapter.join(new, src.head_dim).items():
+            if t is not None:
+                yield names[role], t
+        results[i] = res
+        bar.update(1)
+        if isinstance(res, ProjectedLayerResult):  # run-time key projection
+            for extra, t in res.extra_tensors().items():
+                yield f"{attention_path(src, i)}.{extra}", t.to(out_dtype or src.dtype)
     bar.close()
 
 
@@ -484,8 +487,12 @@ def finish_output(
 ) -> None:
     """Everything but the weights: config, side files, kvconvert.json report, model card."""
     counts = counts or [recipe.kv_heads] * src.num_layers
-    use_remote = needs_remote_code(recipe, counts)
-    if use_remote:
+    family = src.adapter.remote_family  # the architecture's GQA needs kvconvert's model code
+    use_remote = family is not None or needs_remote_code(recipe, counts)
+    if family is not None:
+        config = remote.family_config(src.config, family, counts[0])
+        model_files = remote.copy_model_files(work, family.files)
+    elif use_remote:
         config = remote_config(src, recipe, counts)
         model_files = remote.copy_model_files(work)
     else:

@@ -56,6 +56,8 @@ def unsupported(recipe: Recipe, src: Any, counts: list[int]) -> str | None:
         return "--rope-keys project"
     if src.adapter.qkv_proj or src.adapter.q_norm or src.adapter.k_norm:
         return f"the {src.adapter.name} attention layout (fused qkv or q/k norms)"
+    if src.adapter.remote_family is not None:
+        return f"the {src.adapter.name} architecture (its output uses kvconvert's modeling code)"
     return None
 
 

@@ -30,15 +30,16 @@ def test_hub_unreachable(tmp_path, monkeypatch):
 
 
 def test_unsupported_model_type(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
-        tmp_path / "gpt2"
-    )
-    r = run(str(tmp_path / "gpt2"), "--kv-heads", "1", "-o", str(tmp_path / "o"))
+    BloomForCausalLM(
+        BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64)
+    ).save_pretrained(tmp_path / "bloom")
+    r = run(str(tmp_path / "bloom"), "--kv-heads", "1", "-o", str(tmp_path / "o"))
     assert r.exit_code == 1
-    assert "'gpt2' is not supported" in r.output
-    assert all(t in r.output for t in ("gemma2", "llama", "mistral", "phi3", "qwen2", "qwen3"))
+    assert "'bloom' is not supported" in r.output
+    listed = ("gemma2", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi3", "qwen2", "qwen3")
+    assert all(t in r.output for t in listed)
 
 
 def test_kv_heads_not_dividing(tiny_models, tmp_path):

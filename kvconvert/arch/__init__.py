@@ -8,13 +8,14 @@ from __future__ import annotations
 from ..errors import KVConvertError
 from .base import AttentionAdapter
 from .gemma import GEMMA
+from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .opt import OPT
 from .phi3 import PHI3
 from .qwen3 import QWEN3
 
-_ADAPTERS: tuple[AttentionAdapter, ...] = (LLAMA, PHI3, QWEN3, GEMMA, GPT_NEOX, OPT)
+_ADAPTERS: tuple[AttentionAdapter, ...] = (LLAMA, PHI3, QWEN3, GEMMA, GPT_NEOX, OPT, GPT2)
 
 REGISTRY: dict[str, AttentionAdapter] = {mt: a for a in _ADAPTERS for mt in a.model_types}
 

@@ -12,12 +12,14 @@ separate q/k/v/o roles the solver works on, :meth:`AttentionAdapter.join` turns 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Container
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..errors import KVConvertError
+from ..modeling import RemoteFamily
 
 PROJ_KEYS = ("q", "k", "v", "o")
 KINDS = ("weight", "bias")
@@ -45,17 +47,27 @@ class AttentionAdapter:
     #: head h (GPT-NeoX, which therefore cannot hold fewer KV heads than query heads).
     qkv_proj: str | None = None
     qkv_layout: str = "concat"
+    #: weights stored (in_features, out_features), as GPT-2's ``Conv1D``: split / join
+    #: transpose them to and from the torch ``Linear`` layout the solver works in.
+    transposed: bool = False
+    #: config keys under the architecture's own names (GPT-2: ``{"num_attention_heads":
+    #: "n_head", ...}``); absent keys are read under the common name.
+    config_keys: dict[str, str] = field(default_factory=dict)
     #: per-head RMSNorm applied to q and to k before RoPE (weight shape (head_dim,)), or None.
     q_norm: str | None = None
     k_norm: str | None = None
     #: what ``--target`` produces for this architecture: target -> output kind
-    #: ("stock": the stock transformers class loads it, no remote code).
+    #: ("stock": the stock transformers class loads it, no remote code; "kvconvert": it loads
+    #: with ``trust_remote_code=True``, kvconvert's model files written into it).
     outputs: dict[str, str] = field(default_factory=lambda: {"gqa": "stock"})
     #: the ``--target pod`` output class per model_type: absent = kvconvert's own Llama-layout
     #: PoD model (``modeling_kvconvert_pod.py``); X = ``KVConvertPod{X}ForCausalLM`` in
     #: ``modeling_kvconvert_pod_stock.py``, the stock class of this architecture with PoD
     #: attention (sliding-window layers keep their stock cache and own keys there).
     pod_models: dict[str, str] = field(default_factory=dict)
+    #: the modeling code a ``--target gqa`` output gets when no stock class has GQA for this
+    #: architecture (``outputs["gqa"] == "kvconvert"``), or None.
+    remote_family: RemoteFamily | None = None
     #: checkpoint name of the token embedding, and module path of the model-level rotary
     #: embedding (used by the layer-sequential engine, which never builds the whole model).
     embed_tokens: str = "model.embed_tokens.weight"
@@ -63,18 +75,21 @@ class AttentionAdapter:
     notes: str = ""
 
     # --- config facts -------------------------------------------------------------------
+    def _key(self, name: str) -> str:
+        return self.config_keys.get(name, name)
+
     def num_layers(self, config: dict[str, Any]) -> int:
-        return int(config["num_hidden_layers"])
+        return int(config[self._key("num_hidden_layers")])
 
     def num_heads(self, config: dict[str, Any]) -> int:
-        return int(config["num_attention_heads"])
+        return int(config[self._key("num_attention_heads")])
 
     def num_kv_heads(self, config: dict[str, Any]) -> int:
         return int(config.get("num_key_value_heads") or self.num_heads(config))
 
     def head_dim(self, config: dict[str, Any]) -> int:
         hd = config.get("head_dim")
-        return int(hd) if hd else int(config["hidden_size"]) // self.num_heads(config)
+        return int(hd) if hd else int(config[self._key("hidden_size")]) // self.num_heads(config)
 
     def rotary_dim(self, config: dict[str, Any]) -> int:
         """Number of leading head dims that RoPE rotates (0 without RoPE)."""
@@ -97,6 +112,26 @@ class AttentionAdapter:
         return out
 
     # --- checkpoint names ---------------------------------------------------------------
+    def for_checkpoint(self, names: Container[str]) -> AttentionAdapter:
+        """This adapter, with tensor names as a checkpoint holding ``names`` stores them.
+
+        Some checkpoints were saved from the bare base model and lack the first component of
+        ``layer_prefix`` (openai-community/gpt2 stores ``h.0.attn...``, not
+        ``transformer.h.0.attn...``); transformers loads both, and so does kvconvert. Module
+        names (for hooks on the loaded ``*ForCausalLM``) keep the full prefix.
+        """
+        if self.tensor_name(0, "k") in names:
+            return self
+        bare = replace(self, layer_prefix=self.layer_prefix.split(".", 1)[1])
+        return bare if bare.tensor_name(0, "k") in names else self
+
+    def output_adapter(self) -> AttentionAdapter:
+        """The adapter of the ``--target gqa`` output's layout: this one, or the remote family's
+        (e.g. GPT-NeoX's fused per-head qkv is written as separate q/k/v projections)."""
+        if self.remote_family is None or not self.remote_family.layout:
+            return self
+        return replace(self, **self.remote_family.layout)
+
     @property
     def has_qk_norm(self) -> bool:
         return self.k_norm is not None
@@ -134,7 +169,7 @@ class AttentionAdapter:
         self, stored: dict[str, torch.Tensor | None], num_heads: int, head_dim: int
     ) -> dict[str, torch.Tensor | None]:
         """Stored roles -> separate q/k/v/o roles (a fused qkv is cut into its three parts)."""
-        out = dict(stored)
+        out = self._transpose(stored)
         if self.qkv_proj:
             for kind in KINDS:
                 fused = out.pop(f"qkv.{kind}", None)
@@ -157,7 +192,16 @@ class AttentionAdapter:
                 out[f"qkv.{kind}"] = (
                     None if q is None else fuse_qkv(q, k, v, head_dim, self.qkv_layout)
                 )
-        return out
+        return self._transpose(out)
+
+    def _transpose(self, items: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """Projection weights between the stored layout and torch's (out, in) (``transposed``)."""
+        if not self.transposed:
+            return dict(items)
+        return {
+            role: t.T.contiguous() if t is not None and t.dim() == 2 else t
+            for role, t in items.items()
+        }
 
     def split_activation(
         self, module_role: str, out: torch.Tensor, num_heads: int, head_dim: int

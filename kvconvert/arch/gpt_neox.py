@@ -1,12 +1,13 @@
 """GPT-NeoX (Pythia): q/k/v fused in ``attention.query_key_value`` and interleaved per head.
 
 Rows are [q_h; k_h; v_h] for each head h, so the fused tensor cannot hold fewer KV heads than
-query heads, and transformers' GPT-NeoX has no GQA: a merged output needs kvconvert's own
-modeling code, which is not part of this adapter yet (``outputs`` is empty, so ``convert``
-refuses it with a clear error while ``inspect`` still reports the layout). RoPE is
-``rotate_half`` over the first ``rotary_pct`` of each head; the other dims get the real merge.
+query heads, and transformers' GPT-NeoX has no GQA: the output gets kvconvert's modeling code
+(``modeling_kvconvert_gpt_neox.py``, loaded with ``trust_remote_code=True``), which stores
+q/k/v as separate ``attention.q_proj`` / ``k_proj`` / ``v_proj``. RoPE is ``rotate_half`` over
+the first ``rotary_pct`` of each head; the other dims get the real merge.
 """
 
+from ..modeling import RemoteFamily
 from .base import AttentionAdapter
 
 GPT_NEOX = AttentionAdapter(
@@ -18,7 +19,20 @@ GPT_NEOX = AttentionAdapter(
     qkv_layout="per_head",
     rotary_fraction_key="rotary_pct",
     biases=("q", "k", "v", "o"),
-    outputs={},
-    notes="fused qkv interleaved per head; partial rotary (rotary_pct); GQA output waits for "
-    "kvconvert's modeling code",
+    outputs={"gqa": "kvconvert"},
+    remote_family=RemoteFamily(
+        model_type="kvconvert_gpt_neox",
+        config_class="KVConvertGPTNeoXConfig",
+        model_class="KVConvertGPTNeoXModel",
+        causal_lm_class="KVConvertGPTNeoXForCausalLM",
+        layout={
+            "qkv_proj": None,
+            "q_proj": "attention.q_proj",
+            "k_proj": "attention.k_proj",
+            "v_proj": "attention.v_proj",
+        },
+        renames={"embed_out.weight": "lm_head.weight"},
+    ),
+    notes="fused qkv interleaved per head, written as separate q/k/v_proj; partial rotary "
+    "(rotary_pct); GQA output through kvconvert's modeling code",
 )

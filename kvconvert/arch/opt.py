@@ -1,11 +1,12 @@
 """OPT: separate q/k/v/out projections with biases, learned absolute positions, no RoPE, MHA.
 
 Without RoPE every key dim gets the real merge, which folds exactly into ``q_proj``. The stock
-``OPTForCausalLM`` has no GQA, so a merged output needs kvconvert's own modeling code, which is
-not part of this adapter yet (``outputs`` is empty: ``convert`` refuses it, ``inspect``
-describes it).
+``OPTForCausalLM`` has no GQA, so the output gets kvconvert's modeling code
+(``modeling_kvconvert_opt.py``, loaded with ``trust_remote_code=True``); the weight names stay
+the stock ones, only ``k_proj`` / ``v_proj`` shrink.
 """
 
+from ..modeling import RemoteFamily
 from .base import AttentionAdapter
 
 OPT = AttentionAdapter(
@@ -15,7 +16,13 @@ OPT = AttentionAdapter(
     o_proj="self_attn.out_proj",
     rope_layout=None,
     biases=("q", "k", "v", "o"),
-    outputs={},
-    notes="separate q/k/v/out_proj with biases; absolute positions, no RoPE; GQA output waits "
-    "for kvconvert's modeling code",
+    outputs={"gqa": "kvconvert"},
+    remote_family=RemoteFamily(
+        model_type="kvconvert_opt",
+        config_class="KVConvertOPTConfig",
+        model_class="KVConvertOPTModel",
+        causal_lm_class="KVConvertOPTForCausalLM",
+    ),
+    notes="separate q/k/v/out_proj with biases; absolute positions, no RoPE; GQA output "
+    "through kvconvert's modeling code",
 )

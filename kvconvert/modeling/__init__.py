@@ -1,11 +1,14 @@
 """Remote-code model files copied into outputs that a stock transformers class cannot express.
 
-``configuration_kvconvert.py`` and ``modeling_kvconvert.py`` are self-contained (they import
+Each ``configuration_*.py`` / ``modeling_*.py`` pair here is self-contained (it imports
 transformers only, never kvconvert) so that a checkpoint loads where kvconvert is not installed.
-:func:`kvconvert.modeling.export.remote_config` builds their config from a source config.
+:func:`kvconvert.modeling.export.remote_config` builds the Llama-family config from a source
+config, :func:`kvconvert.modeling.export.family_config` that of a :class:`RemoteFamily`.
 """
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 FOLDER = Path(__file__).resolve().parent
 FILES = ("configuration_kvconvert.py", "modeling_kvconvert.py")
@@ -14,3 +17,35 @@ AUTO_MAP = {
     "AutoModel": "modeling_kvconvert.KVConvertModel",
     "AutoModelForCausalLM": "modeling_kvconvert.KVConvertForCausalLM",
 }
+
+
+@dataclass(frozen=True)
+class RemoteFamily:
+    """kvconvert's GQA modeling code for an architecture whose stock class has no GQA.
+
+    The files are ``configuration_<model_type>.py`` and ``modeling_<model_type>.py`` in this
+    folder. ``layout`` lists the :class:`~kvconvert.arch.AttentionAdapter` fields that differ
+    in the written checkpoint (e.g. a fused qkv stored as separate projections); ``renames``
+    maps other source tensor names to the names the model class loads (transformers renames
+    some legacy names only for its own classes, e.g. GPT-NeoX's ``embed_out``).
+    """
+
+    model_type: str
+    config_class: str
+    model_class: str
+    causal_lm_class: str
+    layout: dict[str, Any] = field(default_factory=dict)
+    renames: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def files(self) -> tuple[str, str]:
+        return (f"configuration_{self.model_type}.py", f"modeling_{self.model_type}.py")
+
+    @property
+    def auto_map(self) -> dict[str, str]:
+        conf, mod = (f.removesuffix(".py") for f in self.files)
+        return {
+            "AutoConfig": f"{conf}.{self.config_class}",
+            "AutoModel": f"{mod}.{self.model_class}",
+            "AutoModelForCausalLM": f"{mod}.{self.causal_lm_class}",
+        }

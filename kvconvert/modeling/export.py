@@ -1,7 +1,7 @@
 """Turn a source config into the remote-code config, and put the model files into an output.
 
-Lives beside the model files but is not copied: only ``configuration_kvconvert.py`` and
-``modeling_kvconvert.py`` go into checkpoints.
+Lives beside the model files but is not copied: only the ``configuration_*.py`` and
+``modeling_*.py`` files go into checkpoints.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import AUTO_MAP, FILES, FOLDER
+from . import AUTO_MAP, FILES, FOLDER, RemoteFamily
 
 #: model_types whose decoder the remote-code model reproduces (RMSNorm, gated MLP, RoPE).
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -55,10 +55,23 @@ def remote_config(
     return out
 
 
-def copy_model_files(folder: Path) -> list[str]:
-    for name in FILES:
+def family_config(config: dict[str, Any], family: RemoteFamily, kv_heads: int) -> dict[str, Any]:
+    """config.json for ``family``'s GQA model converted from ``config`` (a source config dict):
+    the source's keys verbatim plus ``num_key_value_heads``, under the family's model type."""
+    out = {k: v for k, v in config.items() if k not in ("architectures", "auto_map")}
+    out.update(
+        model_type=family.model_type,
+        architectures=[family.causal_lm_class],
+        auto_map=family.auto_map,
+        num_key_value_heads=int(kv_heads),
+    )
+    return out
+
+
+def copy_model_files(folder: Path, files: tuple[str, ...] = FILES) -> list[str]:
+    for name in files:
         shutil.copy2(FOLDER / name, folder / name)
-    return list(FILES)
+    return list(files)
 
 
 def attention_module(

@@ -2,7 +2,10 @@
 
 Each one exercises what its adapter is about: a fused qkv_proj with KV < H and partial rotary
 (phi3), per-head q/k norms with non-trivial weights (qwen3), head_dim != hidden/heads (gemma),
-soft-capping, query_pre_attn_scalar and sliding layers shorter than the test sequences (gemma2).
+soft-capping, query_pre_attn_scalar and sliding layers shorter than the test sequences (gemma2),
+fused per-head qkv with partial rotary (gpt_neox), absolute positions with project_in/out
+(opt; word_embed_proj_dim != hidden_size), a transposed Conv1D c_attn with per-layer attention
+scaling and the upcast/reordered eager path (gpt2); biases made non-zero wherever they exist.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ COMMON = dict(
     initializer_range=0.1,
 )
 ARCHS = ("phi3", "qwen3", "gemma", "gemma2")
-SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13}
+#: architectures whose GQA output loads through kvconvert's modeling code (remote code)
+REMOTE_ARCHS = ("gpt_neox", "opt", "gpt2")
+SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13, "gpt_neox": 14, "opt": 15, "gpt2": 16}
 
 
 def build(kind: str, folder: Path) -> Path:
@@ -49,6 +54,32 @@ def build(kind: str, folder: Path) -> Path:
     elif kind == "gemma":
         cfg = tf.GemmaConfig(num_attention_heads=4, num_key_value_heads=4, head_dim=32, **COMMON)
         model = tf.GemmaForCausalLM(cfg)
+    elif kind == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(num_attention_heads=4, rotary_pct=0.25, **COMMON)
+        model = tf.GPTNeoXForCausalLM(cfg)
+    elif kind == "opt":
+        opt = {
+            k: v for k, v in COMMON.items() if k not in ("intermediate_size", "initializer_range")
+        }
+        cfg = tf.OPTConfig(
+            num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=32, init_std=0.1, **opt
+        )
+        model = tf.OPTForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=96,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            scale_attn_by_inverse_layer_idx=True,
+            reorder_and_upcast_attn=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            initializer_range=0.1,
+        )
+        model = tf.GPT2LMHeadModel(cfg)
     else:
         cfg = tf.Gemma2Config(
             num_attention_heads=4,
@@ -66,6 +97,10 @@ def build(kind: str, folder: Path) -> Path:
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.normal_(0, 0.3)
+    with torch.no_grad():  # the stock init zeroes biases: make dropping one show
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "norm" not in name:
+                p.normal_(0, 0.3)
     model.save_pretrained(folder)
     return folder
 

@@ -1,8 +1,8 @@
 """GPT-NeoX: its fused per-head qkv and partial rotary, at the solver level.
 
-Its converted output waits for kvconvert's modeling code (transformers' GPT-NeoX has no GQA);
-what is tested here is everything before it: the adapter's split/fuse, calibration hooks on
-the fused activation, and the identity fold through merge_layer into a stock model.
+The adapter's split/fuse, calibration hooks on the fused activation, and the identity fold
+through merge_layer into the stock model; the converted output (kvconvert's modeling code,
+since transformers' GPT-NeoX has no GQA) is tested in test_remote_archs.py.
 """
 
 from __future__ import annotations
@@ -12,40 +12,18 @@ from copy import deepcopy
 import pytest
 import torch
 
-import kvconvert
 from kvconvert.arch import get_adapter, supported_model_types
 from kvconvert.arch.base import fuse_qkv, split_qkv
 from kvconvert.errors import KVConvertError
-from kvconvert.inspection import inspect_model
+from kvconvert.inspection import format_info, inspect_model
 from tests.arch.models import fold_identity_in_place
-from tests.conftest import FAST, token_ids
+from tests.conftest import load, token_ids
 
 
 @pytest.fixture(scope="module")
-def neox(tmp_path_factory):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(14)
-    cfg = GPTNeoXConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        rotary_pct=0.25,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-    )
-    model = GPTNeoXForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.3)
-    folder = tmp_path_factory.mktemp("neox") / "neox"
-    model.save_pretrained(folder)
-    return model, folder
+def neox(remote_arch_models):
+    folder = remote_arch_models["gpt_neox"]
+    return load(folder), folder
 
 
 @pytest.mark.parametrize("layout", ["concat", "per_head"])
@@ -85,18 +63,16 @@ def test_identity_fold_reproduces_stock_logits(neox, method):
         )
 
 
-def test_convert_refuses_with_clear_error(neox, tmp_path):
-    _, folder = neox
-    out = tmp_path / "o"
-    with pytest.raises(KVConvertError, match="--target gqa is not available.*none yet"):
-        kvconvert.convert(str(folder), str(out), kv_heads=2, **FAST)
-    assert not out.exists()
-    assert "gpt_neox" not in supported_model_types()
+def test_per_head_fuse_refuses_fewer_kv_heads():
     with pytest.raises(KVConvertError, match="cannot hold fewer KV heads"):
         fuse_qkv(torch.zeros(64, 8), torch.zeros(32, 8), torch.zeros(32, 8), 16, "per_head")
 
 
 def test_inspect_reports_layout(neox):
     info = inspect_model(str(neox[1]))
-    assert not info["supported"] and info["targets"] == {}
+    assert info["supported"] and info["targets"] == {"gqa": "kvconvert"}
     assert info["rotary_dims"] == "4 of 16" and "query_key_value" in info["attention"]
+    assert "gpt_neox" in supported_model_types()
+    text = format_info(info)
+    assert "--target gqa -> kvconvert output (trust_remote_code=True)" in text
+    assert "[q_h; k_h; v_h] per head" in text

@@ -52,13 +52,13 @@ def test_cli_supported_and_unsupported(arch_models, tmp_path):
         "pod": "kvconvert",
         "gqa,pod": "kvconvert",
     }
-    bad = tmp_path / "gpt2"
+    bad = tmp_path / "bloom"
     bad.mkdir()
-    (bad / "config.json").write_text('{"model_type": "gpt2"}')
+    (bad / "config.json").write_text('{"model_type": "bloom"}')
     res = runner.invoke(main, ["inspect", str(bad)])
     assert res.exit_code == 1
-    assert "'gpt2' is not supported" in res.output and "qwen3" in res.output
-    assert "gpt_neox" not in res.output  # recognised layouts without a target are not listed
+    assert "'bloom' is not supported" in res.output and "qwen3" in res.output
+    assert "gpt_neox" in res.output and "opt" in res.output  # remote-code outputs count
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "qwen3"}')

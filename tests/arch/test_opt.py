@@ -1,4 +1,6 @@
-"""OPT (no RoPE, MHA, biases): the real merge folds exactly; output waits for modeling code."""
+"""OPT (no RoPE, MHA, biases): the real merge folds exactly into the stock model.
+
+The converted output (kvconvert's modeling code) is tested in test_remote_archs.py."""
 
 from __future__ import annotations
 
@@ -7,39 +9,15 @@ from copy import deepcopy
 import pytest
 import torch
 
-import kvconvert
-from kvconvert.errors import KVConvertError
 from kvconvert.inspection import inspect_model
 from tests.arch.models import fold_identity_in_place
-from tests.conftest import FAST, token_ids
+from tests.conftest import load, token_ids
 
 
 @pytest.fixture(scope="module")
-def opt(tmp_path_factory):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(15)
-    cfg = OPTConfig(
-        vocab_size=96,
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        word_embed_proj_dim=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        init_std=0.1,
-    )
-    model = OPTForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.3)
-    folder = tmp_path_factory.mktemp("opt") / "opt"
-    model.save_pretrained(folder)
-    return model, folder
+def opt(remote_arch_models):
+    folder = remote_arch_models["opt"]
+    return load(folder), folder
 
 
 @pytest.mark.parametrize("method", ["svd", "svd-weights"])
@@ -54,10 +32,8 @@ def test_identity_fold_reproduces_stock_logits(opt, method):
         )
 
 
-def test_convert_refuses_and_inspect_describes(opt, tmp_path):
-    _, folder = opt
-    with pytest.raises(KVConvertError, match="--target gqa is not available"):
-        kvconvert.convert(str(folder), str(tmp_path / "o"), kv_heads=2, **FAST)
-    info = inspect_model(str(folder))
-    assert not info["supported"] and info["rope_layout"] == "none"
+def test_inspect_describes(opt):
+    info = inspect_model(str(opt[1]))
+    assert info["supported"] and info["targets"] == {"gqa": "kvconvert"}
+    assert info["rope_layout"] == "none"
     assert info["rotary_dims"] == "0 of 16" and "out_proj" in info["attention"]
