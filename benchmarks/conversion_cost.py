@@ -60,7 +60,11 @@ def child_forward(a: argparse.Namespace) -> dict:
 
 
 def child_convert(a: argparse.Namespace) -> dict:
+    # the same imports outside the timer as child_forward (transformers' model classes)
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
     import kvconvert
+    import kvconvert.sequential  # noqa: F401
 
     rss0, t0 = peak_rss(), time.perf_counter()
     kvconvert.convert(

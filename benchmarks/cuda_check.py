@@ -3,8 +3,8 @@
     python benchmarks/cuda_check.py --model ../shared/models/stories260K
 
 For each output kind (stock GQA, remote-code key projection, PoD, GQA + PoD) this script
-1. converts on the GPU (``device="cuda"``) and on the CPU, and compares the written tensors
-   (the two devices must agree to float32 rounding);
+1. converts on the GPU (``device="cuda"``) and on the CPU from the same pre-tokenized
+   calibration (sampled once on the CPU), and compares the written tensors;
 2. loads the GPU conversion on CUDA with SDPA in float32 and in bfloat16, and with eager
    attention on the CPU in float32, and compares their logits on the same tokens;
 3. decodes 32 tokens greedily on CUDA with the cache, in float32 and bfloat16, and checks the
@@ -17,6 +17,7 @@ Then it heals the stock GQA conversion for 50 steps on CUDA with bf16 autocast (
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +85,12 @@ def main() -> None:
     ev = evals.to(dev)
     prompt = evals[:2, :64].to(dev)
     with tempfile.TemporaryDirectory() as tmp:
+        # calibration sampled once on the CPU: both devices solve from the same tokens
+        calib = Path(tmp) / "calibration.jsonl"
+        ids = sample_from_model(orig_cpu, 1, 32, 256, 16, seed=0)
+        calib.write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in ids))
         for name, opts in KINDS.items():
+            opts = {**opts, "calibration": str(calib)}
             gpu, cpu = Path(tmp) / f"{len(name)}-gpu", Path(tmp) / f"{len(name)}-cpu"
             t0 = time.perf_counter()
             kvconvert.convert(a.model, str(gpu), device=dev, progress=False, **opts)

@@ -53,17 +53,22 @@ _COPY_CHUNK = 16 * 2**20
 class ShardedWriter:
     """Streams tensors into shards of at most ``max_shard_size`` bytes.
 
-    Each tensor's bytes are appended to the open shard's data file as soon as it arrives, so
-    memory holds one tensor, never a shard. A full shard becomes a safetensors file (header,
-    then the data copied over in chunks). Single-shard outputs are named ``model.safetensors``;
-    larger ones ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``, as
-    ``save_pretrained`` writes them. :meth:`state` / :meth:`restore` let an interrupted run
-    continue the same shards byte for byte (``--resume``).
+    Each tensor's bytes are appended to the open shard file as soon as they arrive, so memory
+    holds one tensor, never a shard. The file starts with room reserved for the safetensors
+    header; when the shard is full the header is written into that room, padded with spaces
+    (which the format allows), so each byte is written once. A shard whose header outgrows
+    the room is rewritten once with an exact header. Single-shard outputs are named
+    ``model.safetensors``; larger ones ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json``, as ``save_pretrained`` writes them. :meth:`state` /
+    :meth:`restore` let an interrupted run continue the same shards byte for byte
+    (``--resume``).
     """
 
     def __init__(self, folder: Path, max_shard_size: int):
         self.folder = folder
         self.max = max_shard_size
+        #: bytes reserved for the 8-byte length and the header: ~500 tensors at 5 GB shards
+        self.reserve = 8 * max(512, min(8192, max_shard_size // 512))
         self._entries: list[tuple[str, str, list[int], int, int]] = []
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
@@ -71,7 +76,7 @@ class ShardedWriter:
         self.total_bytes = 0
 
     def _data_path(self) -> Path:
-        return self.folder / f".shard-{len(self._shards):05d}.data"
+        return self.folder / f".shard-{len(self._shards):05d}.safetensors"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach().to("cpu").contiguous()
@@ -81,7 +86,8 @@ class ShardedWriter:
         if self._entries and self._pending_bytes + size > self.max:
             self._flush()
         if self._data is None:
-            self._data = self._data_path().open("ab")
+            self._data = self._data_path().open("w+b")
+            self._data.write(b"\0" * self.reserve)
         start = self._pending_bytes
         if size:
             self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
@@ -89,29 +95,38 @@ class ShardedWriter:
         self._pending_bytes += size
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        data = self._data_path()
-        if self._data is None:
-            data.touch()
-        else:
-            self._data.close()
-            self._data = None
+    def _header(self) -> bytes:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         for name, dtype, shape, start, end in self._entries:
             header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors writes it
-        path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        with path.open("wb") as out, data.open("rb") as src:
-            out.write(struct.pack("<Q", len(raw)))
-            out.write(raw)
-            shutil.copyfileobj(src, out, _COPY_CHUNK)
-        data.unlink()
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def _flush(self) -> None:
+        path = self._data_path()
+        if self._data is None:  # a shard with no tensors at all
+            self._data = path.open("w+b")
+            self._data.write(b"\0" * self.reserve)
+        raw = self._header()
+        room = self.reserve - 8
+        if len(raw) <= room:  # the usual case: the header goes into the reserved room
+            self._data.seek(0)
+            self._data.write(struct.pack("<Q", room) + raw + b" " * (room - len(raw)))
+            self._data.close()
+        else:  # too many tensors for the room: rewrite once with an exact header
+            self._data.close()
+            raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors writes it
+            exact = path.with_suffix(".exact")
+            with exact.open("wb") as out, path.open("rb") as src:
+                out.write(struct.pack("<Q", len(raw)) + raw)
+                src.seek(self.reserve)
+                shutil.copyfileobj(src, out, _COPY_CHUNK)
+            os.replace(exact, path)
+        self._data = None
         self._shards.append((path, [e[0] for e in self._entries]))
         self._entries, self._pending_bytes = [], 0
 
     def sync(self) -> None:
-        """Push buffered bytes to the data file (before a resume checkpoint)."""
+        """Push buffered bytes to disk (before a resume checkpoint)."""
         if self._data is not None:
             self._data.flush()
             os.fsync(self._data.fileno())
@@ -127,15 +142,18 @@ class ShardedWriter:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state`: the open shard's data is cut back to that point."""
+        """Continue from :meth:`state`: the open shard is cut back to that point."""
         self._shards = [(self.folder / p, list(n)) for p, n in state["shards"]]
         self._entries = [(e[0], e[1], list(e[2]), e[3], e[4]) for e in state["entries"]]
         self._pending_bytes, self.total_bytes = state["pending_bytes"], state["total_bytes"]
         data = self._data_path()
         if self._entries:
-            if not data.is_file() or data.stat().st_size < self._pending_bytes:
+            end = self.reserve + self._pending_bytes
+            if not data.is_file() or data.stat().st_size < end:
                 raise KVConvertError(f"cannot resume: {data} is missing or truncated")
-            os.truncate(data, self._pending_bytes)
+            os.truncate(data, end)
+            self._data = data.open("r+b")
+            self._data.seek(end)
         elif data.exists():
             data.unlink()
 

@@ -93,11 +93,15 @@ def _device(*ts: torch.Tensor | None) -> torch.device:
 
 
 def _sqrt_and_inv(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric square root of a PSD matrix and its inverse (eigenvalues floored)."""
+    """Symmetric square roots of a batch (b, n, n) of PSD matrices and their inverses.
+
+    One batched eigh instead of one call per matrix; eigenvalues are floored per matrix.
+    """
     lam, u = torch.linalg.eigh(m)
-    lam = lam.clamp_min(float(lam.max().clamp_min(1e-30)) * 1e-10)
-    s = lam.sqrt()
-    return (u * s) @ u.T, (u / s) @ u.T
+    lam = lam.clamp_min(lam.amax(-1, keepdim=True).clamp_min(1e-30) * 1e-10)
+    s = lam.sqrt().unsqueeze(-2)
+    ut = u.transpose(-1, -2)
+    return (u * s) @ ut, (u / s) @ ut
 
 
 def _block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -132,9 +136,8 @@ def solve_real(
     m, t = len(dims), len(members)
     idx = torch.tensor([j * d + k for j in members for k in dims], device=c_layer.device)
     cg = c_layer[idx][:, idx]
-    roots = [_sqrt_and_inv(metrics[j][dims][:, dims]) for j in members]
-    s = _block_diag([r[0] for r in roots])
-    s_inv = _block_diag([r[1] for r in roots])
+    sq, inv = _sqrt_and_inv(torch.stack([metrics[j][dims][:, dims] for j in members]))
+    s, s_inv = _block_diag(list(sq)), _block_diag(list(inv))
     if method == "mean":
         eye = torch.eye(m, dtype=cg.dtype, device=cg.device)
         enc = torch.cat([eye / t] * t, dim=1)
