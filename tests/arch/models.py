@@ -2,7 +2,9 @@
 
 Each one exercises what its adapter is about: a fused qkv_proj with KV < H and partial rotary
 (phi3), per-head q/k norms with non-trivial weights (qwen3), head_dim != hidden/heads (gemma),
-soft-capping, query_pre_attn_scalar and sliding layers shorter than the test sequences (gemma2).
+soft-capping, query_pre_attn_scalar and sliding layers shorter than the test sequences (gemma2),
+and, for the PoD-only MHA architectures, a fused per-head qkv with partial rotary and parallel
+residual (gpt_neox) and learned absolute positions with biases (opt), biases drawn non-zero.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ COMMON = dict(
     initializer_range=0.1,
 )
 ARCHS = ("phi3", "qwen3", "gemma", "gemma2")
-SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13}
+#: architectures with a ``--target pod`` output but no ``--target gqa`` one (yet)
+POD_ONLY_ARCHS = ("gpt_neox", "opt")
+SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13, "gpt_neox": 16, "opt": 17}
 
 
 def build(kind: str, folder: Path) -> Path:
@@ -49,7 +53,7 @@ def build(kind: str, folder: Path) -> Path:
     elif kind == "gemma":
         cfg = tf.GemmaConfig(num_attention_heads=4, num_key_value_heads=4, head_dim=32, **COMMON)
         model = tf.GemmaForCausalLM(cfg)
-    else:
+    elif kind == "gemma2":
         cfg = tf.Gemma2Config(
             num_attention_heads=4,
             num_key_value_heads=4,
@@ -61,6 +65,23 @@ def build(kind: str, folder: Path) -> Path:
             **COMMON,
         )
         model = tf.Gemma2ForCausalLM(cfg)
+    elif kind == "gpt_neox":
+        common = {k: v for k, v in COMMON.items() if k != "pad_token_id"}
+        cfg = tf.GPTNeoXConfig(num_attention_heads=4, rotary_pct=0.25, **common)
+        model = tf.GPTNeoXForCausalLM(cfg)
+    elif kind == "opt":
+        common = {
+            k: v for k, v in COMMON.items() if k not in ("intermediate_size", "initializer_range")
+        }
+        cfg = tf.OPTConfig(num_attention_heads=4, ffn_dim=128, init_std=0.1, **common)
+        model = tf.OPTForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    if kind in POD_ONLY_ARCHS:  # the stock init leaves biases at 0: make them count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.3)
     if kind.startswith("gemma"):  # the stock init leaves Gemma's (1 + w) norms at 1: vary them
         with torch.no_grad():
             for name, p in model.named_parameters():

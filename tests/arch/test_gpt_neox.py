@@ -1,8 +1,9 @@
 """GPT-NeoX: its fused per-head qkv and partial rotary, at the solver level.
 
-Its converted output waits for kvconvert's modeling code (transformers' GPT-NeoX has no GQA);
-what is tested here is everything before it: the adapter's split/fuse, calibration hooks on
-the fused activation, and the identity fold through merge_layer into a stock model.
+Its GQA output waits for kvconvert's modeling code (transformers' GPT-NeoX has no GQA; its
+PoD output is tested in test_pod_mha.py); what is tested here is everything before it: the
+adapter's split/fuse, calibration hooks on the fused activation, and the identity fold through
+merge_layer into a stock model.
 """
 
 from __future__ import annotations
@@ -88,15 +89,15 @@ def test_identity_fold_reproduces_stock_logits(neox, method):
 def test_convert_refuses_with_clear_error(neox, tmp_path):
     _, folder = neox
     out = tmp_path / "o"
-    with pytest.raises(KVConvertError, match="--target gqa is not available.*none yet"):
+    with pytest.raises(KVConvertError, match=r"--target gqa is not available.*\(available: pod\)"):
         kvconvert.convert(str(folder), str(out), kv_heads=2, **FAST)
     assert not out.exists()
-    assert "gpt_neox" not in supported_model_types()
+    assert "gpt_neox" in supported_model_types()  # through --target pod
     with pytest.raises(KVConvertError, match="cannot hold fewer KV heads"):
         fuse_qkv(torch.zeros(64, 8), torch.zeros(32, 8), torch.zeros(32, 8), 16, "per_head")
 
 
 def test_inspect_reports_layout(neox):
     info = inspect_model(str(neox[1]))
-    assert not info["supported"] and info["targets"] == {}
+    assert info["supported"] and info["targets"] == {"pod": "kvconvert"}
     assert info["rotary_dims"] == "4 of 16" and "query_key_value" in info["attention"]

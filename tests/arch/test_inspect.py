@@ -58,7 +58,7 @@ def test_cli_supported_and_unsupported(arch_models, tmp_path):
     res = runner.invoke(main, ["inspect", str(bad)])
     assert res.exit_code == 1
     assert "'gpt2' is not supported" in res.output and "qwen3" in res.output
-    assert "gpt_neox" not in res.output  # recognised layouts without a target are not listed
+    assert "gpt_neox, llama" in res.output and ", opt," in res.output  # PoD-only ones too
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "qwen3"}')

@@ -1,4 +1,5 @@
-"""OPT (no RoPE, MHA, biases): the real merge folds exactly; output waits for modeling code."""
+"""OPT (no RoPE, MHA, biases): the real merge folds exactly; its GQA output waits for modeling
+code (its PoD output: test_pod_mha.py)."""
 
 from __future__ import annotations
 
@@ -59,5 +60,5 @@ def test_convert_refuses_and_inspect_describes(opt, tmp_path):
     with pytest.raises(KVConvertError, match="--target gqa is not available"):
         kvconvert.convert(str(folder), str(tmp_path / "o"), kv_heads=2, **FAST)
     info = inspect_model(str(folder))
-    assert not info["supported"] and info["rope_layout"] == "none"
+    assert info["targets"] == {"pod": "kvconvert"} and info["rope_layout"] == "none"
     assert info["rotary_dims"] == "0 of 16" and "out_proj" in info["attention"]
