@@ -2,9 +2,10 @@
 
     PYTHONPATH=. python benchmarks/pod_arch.py [--out DIR]
 
-For every architecture in tests/arch/models.py (plus a 4-layer gemma2: sliding, full, sliding,
-full): max |logit difference| of the identity-map PoD output against the stock model (prefill
-and token-by-token decode, eager and sdpa), and for a real map (``--kv-saving 0.15``, sink 2,
+For every architecture in tests/arch/models.py (ARCHS and the PoD-only MHA ones, gpt_neox and
+opt; plus a 4-layer gemma2: sliding, full, sliding, full): max |logit difference| of the
+identity-map PoD output (``convert --pod-map``) against the stock model (prefill and
+token-by-token decode, eager and sdpa), and for a real map (``--kv-saving 0.15``, sink 2,
 recent 4, calibrated on 4 x 32 self-sampled tokens) the map, the predicted saving and the
 saving measured on the real cache objects after a 40-token prefill, against the stock cache.
 """
@@ -20,9 +21,9 @@ import torch
 
 import kvconvert
 from kvconvert.evaluate import kv_cache_bytes
-from tests.arch.models import ARCHS, COMMON, build
+from tests.arch.models import ARCHS, COMMON, POD_MHA_ARCHS, build
 from tests.conftest import load, token_ids
-from tests.pod.test_modeling import decode_logits, make_pod
+from tests.pod.test_modeling import decode_logits
 
 POD = {"sink": 2, "recent": 4, "seq_len": 32, "num_samples": 4, "progress": False}
 
@@ -51,13 +52,16 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="kvc-pod-arch-"))
     ids = token_ids(2, 24)
-    srcs = {k: build(k, root / k) for k in ARCHS}
+    srcs = {k: build(k, root / k) for k in ARCHS + POD_MHA_ARCHS}
     srcs["gemma2-4layer"] = gemma2_4(root / "gemma2-4layer")
     print("arch           impl   identity max|dlogit| prefill / decode")
     for kind, src in srcs.items():
         cfg = json.loads((src / "config.json").read_text())
-        L, kv = cfg["num_hidden_layers"], cfg["num_key_value_heads"]
-        out = make_pod(src, root / f"{kind}-id", [[i] * kv for i in range(L)])
+        identity = root / f"{kind}-identity.json"
+        identity.write_text(json.dumps(list(range(cfg["num_hidden_layers"]))))
+        out = kvconvert.convert(
+            str(src), str(root / f"{kind}-id"), target="pod", pod_map=str(identity), **POD
+        )
         for impl in ["eager"] if kind.startswith("gemma2") else ["eager", "sdpa"]:
             pod = load(out, trust_remote_code=True, attn_implementation=impl)
             with torch.inference_mode():

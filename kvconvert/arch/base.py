@@ -68,6 +68,10 @@ class AttentionAdapter:
     #: the modeling code a ``--target gqa`` output gets when no stock class has GQA for this
     #: architecture (``outputs["gqa"] == "kvconvert"``), or None.
     remote_family: RemoteFamily | None = None
+    #: checkpoint tensor name -> the name in the loaded model, where transformers renames it
+    #: when loading the stock class (GPT-NeoX: ``embed_out`` -> ``lm_head``); remote code is
+    #: loaded without such renames, so a remote-code output stores the loaded name.
+    load_renames: dict[str, str] = field(default_factory=dict)
     #: checkpoint name of the token embedding, and module path of the model-level rotary
     #: embedding (used by the layer-sequential engine, which never builds the whole model).
     embed_tokens: str = "model.embed_tokens.weight"

@@ -4,11 +4,16 @@ Rows are [q_h; k_h; v_h] for each head h, so the fused tensor cannot hold fewer 
 query heads, and transformers' GPT-NeoX has no GQA: the output gets kvconvert's modeling code
 (``modeling_kvconvert_gpt_neox.py``, loaded with ``trust_remote_code=True``), which stores
 q/k/v as separate ``attention.q_proj`` / ``k_proj`` / ``v_proj``. RoPE is ``rotate_half`` over
-the first ``rotary_pct`` of each head; the other dims get the real merge.
+the first ``rotary_pct`` of each head; the other dims get the real merge. ``--target pod``
+keeps every head, so its output is the stock class with PoD attention (``pod_models``).
 """
 
 from ..modeling import RemoteFamily
 from .base import AttentionAdapter
+
+#: Pythia stores the LM head as ``embed_out``; only the stock loader renames it, so outputs
+#: loaded as remote code store it under the loaded name.
+LOAD_RENAMES = {"embed_out.weight": "lm_head.weight"}
 
 GPT_NEOX = AttentionAdapter(
     name="gpt_neox",
@@ -19,7 +24,7 @@ GPT_NEOX = AttentionAdapter(
     qkv_layout="per_head",
     rotary_fraction_key="rotary_pct",
     biases=("q", "k", "v", "o"),
-    outputs={"gqa": "kvconvert"},
+    outputs={"gqa": "kvconvert", "pod": "kvconvert"},
     remote_family=RemoteFamily(
         model_type="kvconvert_gpt_neox",
         config_class="KVConvertGPTNeoXConfig",
@@ -31,8 +36,10 @@ GPT_NEOX = AttentionAdapter(
             "k_proj": "attention.k_proj",
             "v_proj": "attention.v_proj",
         },
-        renames={"embed_out.weight": "lm_head.weight"},
+        renames=LOAD_RENAMES,
     ),
+    pod_models={"gpt_neox": "GPTNeoX"},
+    load_renames=LOAD_RENAMES,
     notes="fused qkv interleaved per head, written as separate q/k/v_proj; partial rotary "
-    "(rotary_pct); GQA output through kvconvert's modeling code",
+    "(rotary_pct); GQA output through kvconvert's modeling code; PoD on the stock class",
 )

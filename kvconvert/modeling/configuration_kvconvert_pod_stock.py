@@ -14,7 +14,14 @@ Written by kvconvert; stands alone (only transformers is needed to load it with
 ``trust_remote_code=True``).
 """
 
-from transformers import Gemma2Config, GemmaConfig, Phi3Config, Qwen3Config
+from transformers import (
+    Gemma2Config,
+    GemmaConfig,
+    GPTNeoXConfig,
+    OPTConfig,
+    Phi3Config,
+    Qwen3Config,
+)
 
 
 def sliding_windows(config) -> list[int | None]:
@@ -30,9 +37,15 @@ def sliding_windows(config) -> list[int | None]:
     return [window] * config.num_hidden_layers
 
 
+def kv_heads(config) -> int:
+    """KV heads per layer: ``num_key_value_heads``, or every query head in MHA-only configs
+    (GPT-NeoX, OPT) that do not declare it."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def check_pod_config(config) -> None:
     """Fill the identity map when absent; refuse a map the PoD cache cannot hold."""
-    layers, kv = config.num_hidden_layers, config.num_key_value_heads
+    layers, kv = config.num_hidden_layers, kv_heads(config)
     if config.pod_map is None:
         config.pod_map = [[i] * kv for i in range(layers)]
     pod_map, windows = config.pod_map, sliding_windows(config)
@@ -106,9 +119,33 @@ class KVConvertPodGemma2Config(Gemma2Config):
         check_pod_config(self)
 
 
+class KVConvertPodGPTNeoXConfig(GPTNeoXConfig):
+    model_type = "kvconvert_pod_gpt_neox"
+    pod_sink: int = 16
+    pod_recent: int = 4080
+    pod_map: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_pod_config(self)
+
+
+class KVConvertPodOPTConfig(OPTConfig):
+    model_type = "kvconvert_pod_opt"
+    pod_sink: int = 16
+    pod_recent: int = 4080
+    pod_map: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_pod_config(self)
+
+
 __all__ = [
+    "KVConvertPodGPTNeoXConfig",
     "KVConvertPodGemma2Config",
     "KVConvertPodGemmaConfig",
+    "KVConvertPodOPTConfig",
     "KVConvertPodPhi3Config",
     "KVConvertPodQwen3Config",
 ]

@@ -1,8 +1,9 @@
-"""PoD on stock transformers architectures (phi3, qwen3, gemma, gemma2).
+"""PoD on stock transformers architectures (phi3, qwen3, gemma, gemma2, gpt_neox, opt).
 
 Each model is the stock ``*ForCausalLM`` with its attention modules switched to a PoD subclass
 that runs the stock attention forward unchanged: the fused qkv split, q/k norms, partial rotary,
-scaling, soft-capping and sliding windows all stay the stock code's. Only two things differ,
+scaling, soft-capping, sliding windows, GPT-NeoX's parallel residual and OPT's learned
+positions all stay the stock code's. Only two things differ,
 and both live in the shared ``PodCache`` (``modeling_kvconvert_pod.py``): ``cache.update``
 hands an upper layer of a block its distant keys from the block bottom and its proximal keys
 from its own window, and ``cache.masks`` gives the matching proximal/distant mask. Sliding-window
@@ -13,12 +14,16 @@ SDPA attention.
 import torch
 from transformers.models.gemma.modeling_gemma import GemmaAttention, GemmaForCausalLM
 from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2ForCausalLM
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXForCausalLM
+from transformers.models.opt.modeling_opt import OPTAttention, OPTForCausalLM
 from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3ForCausalLM
 
 from .configuration_kvconvert_pod_stock import (
     KVConvertPodGemma2Config,
     KVConvertPodGemmaConfig,
+    KVConvertPodGPTNeoXConfig,
+    KVConvertPodOPTConfig,
     KVConvertPodPhi3Config,
     KVConvertPodQwen3Config,
     sliding_windows,
@@ -31,11 +36,14 @@ class PodAttentionMixin:
 
     The stock forward calls ``past_key_values.update`` (which returns the PoD keys and values)
     and passes ``attention_mask`` to the attention function: that mask is replaced here by the
-    layer's PoD mask (additive for eager attention, boolean for SDPA).
+    layer's PoD mask (additive for eager attention, boolean for SDPA). ``pod_cache_kwarg`` is
+    the keyword the stock decoder layer passes the cache under.
     """
 
+    pod_cache_kwarg = "past_key_values"
+
     def forward(self, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self.pod_cache_kwarg)
         if isinstance(cache, PodCache):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             mask = cache.masks(self.layer_idx, hidden.shape[1])
@@ -94,7 +102,7 @@ class PodCausalLMMixin:
         batch, length = ref.shape[:2]
         past = cache.get_seq_length()
         if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=ref.device)[None]
+            position_ids = self.pod_position_ids(attention_mask, past, length, ref.device)
         position_ids = position_ids.expand(batch, -1)
         cache.begin(position_ids, attention_mask)
         # A prepared 4D mask makes the stock model skip building its own; every PoD attention
@@ -112,6 +120,13 @@ class PodCausalLMMixin:
         if use_cache is False or (use_cache is None and not self.config.use_cache):
             out.past_key_values = None
         return out
+
+    def pod_position_ids(
+        self, attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device
+    ) -> torch.Tensor:
+        """Position ids of new tokens when the caller gives none: the stock model's rule (the
+        cache records them; sink and recent window are counted in positions)."""
+        return torch.arange(past, past + length, device=device)[None]
 
     def pod_first_full_layer(self) -> int:
         return next((i for i, w in enumerate(self.pod_windows) if w is None), 0)
@@ -153,9 +168,42 @@ class KVConvertPodGemma2ForCausalLM(PodCausalLMMixin, Gemma2ForCausalLM):
     pod_attention = (Gemma2Attention, PodGemma2Attention)
 
 
+class PodGPTNeoXAttention(PodAttentionMixin, GPTNeoXAttention):
+    """GPT-NeoX attention (fused per-head qkv, partial rotary); its layer passes the cache as
+    ``layer_past``."""
+
+    pod_cache_kwarg = "layer_past"
+
+
+class KVConvertPodGPTNeoXForCausalLM(PodCausalLMMixin, GPTNeoXForCausalLM):
+    config_class = KVConvertPodGPTNeoXConfig
+    pod_attention = (GPTNeoXAttention, PodGPTNeoXAttention)
+
+
+class PodOPTAttention(PodAttentionMixin, OPTAttention):
+    """OPT attention (biases, no RoPE: positions are learned embeddings added to the input)."""
+
+
+class KVConvertPodOPTForCausalLM(PodCausalLMMixin, OPTForCausalLM):
+    config_class = KVConvertPodOPTConfig
+    pod_attention = (OPTAttention, PodOPTAttention)
+
+    def pod_position_ids(
+        self, attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device
+    ) -> torch.Tensor:
+        """OPT's rule: with a padding mask over every token, a token's position is the count of
+        real tokens before it (left padding shifts them); padding gets -1."""
+        if attention_mask is None or attention_mask.shape[1] != past + length:
+            return super().pod_position_ids(attention_mask, past, length, device)
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        return (mask.cumsum(dim=1) * mask - 1)[:, past:]
+
+
 __all__ = [
+    "KVConvertPodGPTNeoXForCausalLM",
     "KVConvertPodGemma2ForCausalLM",
     "KVConvertPodGemmaForCausalLM",
+    "KVConvertPodOPTForCausalLM",
     "KVConvertPodPhi3ForCausalLM",
     "KVConvertPodQwen3ForCausalLM",
 ]

@@ -151,9 +151,11 @@ def _pod(
 
     with atomic_output(output, recipe.overwrite) as work:
         writer = ShardedWriter(work, parse_size(recipe.max_shard_size))
+        renames = src.adapter.load_renames  # the remote code loads without them
         for name in src.tensors.names():
             t = src.tensors.get(name)
-            writer.add(name, t.to(out_dtype) if out_dtype and t.is_floating_point() else t)
+            t = t.to(out_dtype) if out_dtype and t.is_floating_point() else t
+            writer.add(renames.get(name, name), t)
         shards = writer.finish()
         config = pod_config(
             src.config,

@@ -28,6 +28,8 @@ COMMON = dict(
 ARCHS = ("phi3", "qwen3", "gemma", "gemma2")
 #: architectures whose GQA output loads through kvconvert's modeling code (remote code)
 REMOTE_ARCHS = ("gpt_neox", "opt", "gpt2")
+#: MHA architectures whose ``--target pod`` output is the stock class with PoD attention
+POD_MHA_ARCHS = ("gpt_neox", "opt")
 SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13, "gpt_neox": 14, "opt": 15, "gpt2": 16}
 
 
@@ -80,7 +82,7 @@ def build(kind: str, folder: Path) -> Path:
             initializer_range=0.1,
         )
         model = tf.GPT2LMHeadModel(cfg)
-    else:
+    elif kind == "gemma2":
         cfg = tf.Gemma2Config(
             num_attention_heads=4,
             num_key_value_heads=4,
@@ -92,6 +94,8 @@ def build(kind: str, folder: Path) -> Path:
             **COMMON,
         )
         model = tf.Gemma2ForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
     if kind.startswith("gemma"):  # the stock init leaves Gemma's (1 + w) norms at 1: vary them
         with torch.no_grad():
             for name, p in model.named_parameters():

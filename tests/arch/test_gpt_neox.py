@@ -70,7 +70,7 @@ def test_per_head_fuse_refuses_fewer_kv_heads():
 
 def test_inspect_reports_layout(neox):
     info = inspect_model(str(neox[1]))
-    assert info["supported"] and info["targets"] == {"gqa": "kvconvert"}
+    assert info["supported"] and info["targets"] == {"gqa": "kvconvert", "pod": "kvconvert"}
     assert info["rotary_dims"] == "4 of 16" and "query_key_value" in info["attention"]
     assert "gpt_neox" in supported_model_types()
     text = format_info(info)

@@ -34,6 +34,6 @@ def test_identity_fold_reproduces_stock_logits(opt, method):
 
 def test_inspect_describes(opt):
     info = inspect_model(str(opt[1]))
-    assert info["supported"] and info["targets"] == {"gqa": "kvconvert"}
+    assert info["supported"] and info["targets"] == {"gqa": "kvconvert", "pod": "kvconvert"}
     assert info["rope_layout"] == "none"
     assert info["rotary_dims"] == "0 of 16" and "out_proj" in info["attention"]
