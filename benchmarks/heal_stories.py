@@ -13,6 +13,7 @@ write).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +36,9 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="heal options, e.g. lr=1e-3 lora=4")
     args = ap.parse_args()
     extra = {}
+    # each option's type from its default, or its CLI type where the default is None (lr)
     types = {
-        k: type(v) for k, v in HealOptions(original="", converted="", output="").to_dict().items()
+        f.name: f.metadata.get("type") or type(f.default) for f in dataclasses.fields(HealOptions)
     }
     for kv in args.set:
         k, v = kv.split("=", 1)

@@ -144,3 +144,46 @@ def test_clear_errors(converted, tiny_models, tmp_path):
         heal(_opts((src, same), tmp_path / "c"), False)
     res = CliRunner().invoke(main, ["heal", str(src), str(conv), "-o", str(conv)])
     assert res.exit_code != 0 and "already exists" in res.output
+
+
+REMOTE = {
+    "rope-keys project": dict(kv_heads=2, rope_keys="project", method="mean"),
+    "gqa,pod": dict(target="gqa,pod", kv_heads=2, method="mean", kv_saving=0.1, sink=2, recent=8),
+    "pod": dict(target="pod", kv_saving=0.1, sink=2, recent=8),
+}
+
+
+@pytest.mark.parametrize("kind", list(REMOTE))
+def test_healed_remote_code_output_stays_loadable(tiny_models, tmp_path, kind, capsys):
+    """Remote-code outputs (key projection, PoD) keep their code and config, load with
+    trust_remote_code=True, generate with their own cache, and (GQA ones) get closer to the
+    original."""
+    src = tiny_models["llama"]
+    conv = kvconvert.convert(str(src), str(tmp_path / "conv"), **{**FAST, **REMOTE[kind]})
+    # a PoD-only output has the original's weights: nothing the conversion changed can train
+    train = "all" if kind == "pod" else "attention"
+    if kind == "pod":
+        with pytest.raises(KVConvertError, match="nothing to heal.*--train all"):
+            heal(_opts((src, conv), tmp_path / "refused", steps=2), progress=False)
+        assert not (tmp_path / "refused").exists()
+    opts = _opts((src, conv), tmp_path / "healed", steps=30, lr=1e-2, batch_size=8, train=train)
+    out = heal(opts, progress=False)
+    code = sorted(p.name for p in conv.glob("*.py"))
+    assert code and code == sorted(p.name for p in out.glob("*.py"))
+    assert all((out / f).read_bytes() == (conv / f).read_bytes() for f in code)
+    assert (out / "config.json").read_bytes() == (conv / "config.json").read_bytes()
+    orig, before = load(src), load(conv, trust_remote_code=True)
+    healed = load(out, trust_remote_code=True)
+    assert type(healed).__name__ == type(before).__name__ and "KVConvert" in type(healed).__name__
+    ids = sample_from_model(orig, 1, num_samples=8, seq_len=32, batch_size=8, seed=99)
+    if kind == "pod":  # a near-exact start (KL ~0.004 here): the weights move, KL may not drop
+        (run,) = json.loads((out / "kvconvert.json").read_text())["heal"]
+        assert run["trained"]["mode"] == "all" and run["kl_after"] is not None
+        if run["kl_after"] >= run["kl_before"]:  # the user is told
+            assert "held-out KL did not drop" in capsys.readouterr().err
+        assert not torch.equal(healed.lm_head.weight, before.lm_head.weight)
+    else:
+        assert kl_per_token(orig, healed, ids) < kl_per_token(orig, before, ids)
+    with torch.inference_mode():
+        gen = healed.generate(ids[:1, :24], max_new_tokens=8, do_sample=False)
+    assert gen.shape == (1, 32)

@@ -104,6 +104,18 @@ def _sqrt_and_inv(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (u * s) @ ut, (u / s) @ ut
 
 
+def _fix_signs(q: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors with their largest entry positive.
+
+    eigh returns each column up to sign, and the sign differs between LAPACK and cuSOLVER:
+    either is the same model (enc and dec flip together), but a fixed convention makes the
+    weights written on a CPU and on a GPU agree.
+    """
+    cols = torch.arange(q.shape[1], device=q.device)
+    signs = torch.sign(q[q.abs().argmax(dim=0), cols])
+    return q * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def _block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
@@ -144,7 +156,7 @@ def solve_real(
         dec = torch.cat([eye] * t, dim=0)
     else:
         _, vecs = torch.linalg.eigh(s @ cg @ s)
-        q = vecs[:, -m:]
+        q = _fix_signs(vecs[:, -m:])
         enc = q.T @ s
         dec = s_inv @ q
     err, tot = _residual(enc, dec, cg, s)

@@ -566,6 +566,13 @@ def heal(
             run.kl_before = run.evaluate()
         run.train(callback)
         run.kl_after = run.evaluate()
+        if run.kl_before is not None and run.kl_after >= run.kl_before:
+            print(
+                f"kvconvert heal: warning: the held-out KL did not drop ({run.kl_before:.4f} -> "
+                f"{run.kl_after:.4f} nats/token); try a lower --lr, more --num-samples, or keep "
+                "the converted model",
+                file=sys.stderr,
+            )
         return run.write(command)
     finally:
         run.close()
