@@ -29,7 +29,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,13 +243,23 @@ def release_memory() -> None:
     The survivors of the collection are frozen (moved out of the collector's view): they are
     long-lived (modules imported lazily during the first layer, configs, the source), and
     rescanning them at every layer cost ~0.15 s a layer. Frozen objects are still freed by
-    reference counting; ``_layers`` unfreezes them at the end.
+    reference counting; :func:`gc_frozen` unfreezes them after the loop.
     """
     gc.collect()
     gc.freeze()
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+@contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Collect, then keep the survivors frozen for the layer loop (see release_memory)."""
+    release_memory()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 _LIBC: list = []
@@ -496,7 +507,8 @@ def convert(
             "seed": recipe.seed,
         }
     if rank != 0:
-        _layers(recipe, src, device, out_dtype, tokens, None, None, fp, {}, progress=False)
+        with gc_frozen():
+            _layers(recipe, src, device, out_dtype, tokens, None, None, fp, {}, progress=False)
         _barrier(world)
         return output
     # A work folder without state (stopped before its first layer completed, or while
@@ -512,7 +524,10 @@ def convert(
         try:
             results: dict[int, DoneLayer] = {}
             state = load_checkpoint(state_dir, fp, writer, work) if resume else None
-            _layers(recipe, src, device, out_dtype, tokens, writer, state, fp, results, progress)
+            with gc_frozen():
+                _layers(
+                    recipe, src, device, out_dtype, tokens, writer, state, fp, results, progress
+                )
             for name in src.tensors.names():
                 if not any(name.startswith(p) for p in _layer_prefixes(src)):
                     writer.add(name, _cast(src.tensors.get(name), out_dtype))
@@ -570,25 +585,6 @@ def _layers(
     progress: bool,
 ) -> None:
     """The layer loop. ``writer`` None: a non-zero rank, which only calibrates."""
-    release_memory()  # also freezes what is alive now (see there)
-    try:
-        _layer_loop(recipe, src, device, out_dtype, tokens, writer, state, fp, results, progress)
-    finally:
-        gc.unfreeze()
-
-
-def _layer_loop(
-    recipe: Recipe,
-    src: Any,
-    device: torch.device,
-    out_dtype: torch.dtype | None,
-    tokens: torch.Tensor | None,
-    writer: ShardedWriter | None,
-    state: dict | None,
-    fp: str,
-    results: dict[int, DoneLayer],
-    progress: bool,
-) -> None:
     rank, world = dist_setup(device)
     compute = torch.float32 if device.type == "cpu" else src.dtype
     store = torch.device("cpu") if recipe.offload_activations else device

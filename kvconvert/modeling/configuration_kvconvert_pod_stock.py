@@ -14,6 +14,8 @@ Written by kvconvert; stands alone (only transformers is needed to load it with
 ``trust_remote_code=True``).
 """
 
+from dataclasses import dataclass
+
 from transformers import (
     Gemma2Config,
     GemmaConfig,
@@ -75,70 +77,45 @@ def check_pod_config(config) -> None:
         raise ValueError("pod_sink and pod_recent must be >= 0")
 
 
-class KVConvertPodPhi3Config(Phi3Config):
+@dataclass
+class PodConfigMixin:
+    """The PoD fields every architecture's config adds to its stock config, checked on load.
+
+    A dataclass, so that its fields join the subclass's config fields (saved by ``to_dict``
+    with their defaults), as fields declared on the subclass itself would.
+    """
+
+    pod_sink: int = 16
+    pod_recent: int = 4080
+    pod_map: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_pod_config(self)
+
+
+class KVConvertPodPhi3Config(PodConfigMixin, Phi3Config):
     model_type = "kvconvert_pod_phi3"
-    pod_sink: int = 16
-    pod_recent: int = 4080
-    pod_map: list[list[int]] | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        check_pod_config(self)
 
 
-class KVConvertPodQwen3Config(Qwen3Config):
+class KVConvertPodQwen3Config(PodConfigMixin, Qwen3Config):
     model_type = "kvconvert_pod_qwen3"
-    pod_sink: int = 16
-    pod_recent: int = 4080
-    pod_map: list[list[int]] | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        check_pod_config(self)
 
 
-class KVConvertPodGemmaConfig(GemmaConfig):
+class KVConvertPodGemmaConfig(PodConfigMixin, GemmaConfig):
     model_type = "kvconvert_pod_gemma"
-    pod_sink: int = 16
-    pod_recent: int = 4080
-    pod_map: list[list[int]] | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        check_pod_config(self)
 
 
-class KVConvertPodGemma2Config(Gemma2Config):
+class KVConvertPodGemma2Config(PodConfigMixin, Gemma2Config):
     model_type = "kvconvert_pod_gemma2"
-    pod_sink: int = 16
-    pod_recent: int = 4080
-    pod_map: list[list[int]] | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        check_pod_config(self)
 
 
-class KVConvertPodGPTNeoXConfig(GPTNeoXConfig):
+class KVConvertPodGPTNeoXConfig(PodConfigMixin, GPTNeoXConfig):
     model_type = "kvconvert_pod_gpt_neox"
-    pod_sink: int = 16
-    pod_recent: int = 4080
-    pod_map: list[list[int]] | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        check_pod_config(self)
 
 
-class KVConvertPodOPTConfig(OPTConfig):
+class KVConvertPodOPTConfig(PodConfigMixin, OPTConfig):
     model_type = "kvconvert_pod_opt"
-    pod_sink: int = 16
-    pod_recent: int = 4080
-    pod_map: list[list[int]] | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        check_pod_config(self)
 
 
 __all__ = [

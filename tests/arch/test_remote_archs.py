@@ -6,9 +6,6 @@ the measured cache, and sdpa and eager attention agree."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ from kvconvert.evaluate import kv_cache_bytes
 from kvconvert.inspection import inspect_model
 from tests.arch.models import REMOTE_ARCHS
 from tests.conftest import FAST, load, logits, token_ids
-from tests.modeling.test_remote import LOADER
+from tests.modeling.test_remote import logits_without_kvconvert
 
 CLASSES = {
     "gpt_neox": "KVConvertGPTNeoXForCausalLM",
@@ -66,19 +63,7 @@ def test_identity_reproduces_stock_logits(converted, arch):
 def test_identity_loads_without_kvconvert(converted, tmp_path):
     outs = [converted[a][1] for a in REMOTE_ARCHS]
     ids = token_ids()
-    torch.save(ids, tmp_path / "ids.pt")
-    root = os.path.dirname(os.path.dirname(kvconvert.__file__))
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    res = subprocess.run(
-        [sys.executable, "-c", LOADER, root, str(tmp_path / "ids.pt"), *map(str, outs)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    for arch, out in zip(REMOTE_ARCHS, outs, strict=True):
-        got = torch.load(out / "logits.pt")
+    for arch, got in zip(REMOTE_ARCHS, logits_without_kvconvert(outs, ids, tmp_path), strict=True):
         torch.testing.assert_close(got, logits(converted[arch][0], ids), atol=1e-5, rtol=0)
 
 

@@ -62,6 +62,13 @@ def test_identity_loads_without_kvconvert(tiny_models, tmp_path):
         outs.append(out)
         sources.append(src)
     ids = token_ids()
+    for src, got in zip(sources, logits_without_kvconvert(outs, ids, tmp_path), strict=True):
+        torch.testing.assert_close(got, logits(src, ids), atol=1e-5, rtol=0)
+
+
+def logits_without_kvconvert(outs: list, ids: torch.Tensor, tmp_path) -> list[torch.Tensor]:
+    """Each output's logits on ``ids``, loaded with trust_remote_code=True in a fresh process
+    where importing kvconvert fails (the remote code must stand alone)."""
     torch.save(ids, tmp_path / "ids.pt")
     root = os.path.dirname(os.path.dirname(kvconvert.__file__))
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
@@ -73,9 +80,7 @@ def test_identity_loads_without_kvconvert(tiny_models, tmp_path):
         text=True,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    for src, out in zip(sources, outs, strict=True):
-        got = torch.load(out / "logits.pt")
-        torch.testing.assert_close(got, logits(src, ids), atol=1e-5, rtol=0)
+    return [torch.load(out / "logits.pt") for out in outs]
 
 
 def test_full_budget_and_uniform_list_stay_stock(tiny_models, tmp_path):
