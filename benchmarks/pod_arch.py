@@ -21,29 +21,11 @@ import torch
 
 import kvconvert
 from kvconvert.evaluate import kv_cache_bytes
-from tests.arch.models import ARCHS, COMMON, POD_MHA_ARCHS, build
+from tests.arch.models import ARCHS, POD_MHA_ARCHS, build, gemma2_4layer
 from tests.conftest import load, token_ids
 from tests.pod.test_modeling import decode_logits
 
 POD = {"sink": 2, "recent": 4, "seq_len": 32, "num_samples": 4, "progress": False}
-
-
-def gemma2_4(folder: Path) -> Path:
-    import transformers as tf
-
-    torch.manual_seed(14)
-    cfg = tf.Gemma2Config(
-        **{**COMMON, "num_hidden_layers": 4},
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        query_pre_attn_scalar=24,
-        sliding_window=8,
-        attn_logit_softcapping=5.0,
-        final_logit_softcapping=10.0,
-    )
-    tf.Gemma2ForCausalLM(cfg).save_pretrained(folder)
-    return folder
 
 
 def main() -> None:
@@ -53,7 +35,7 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="kvc-pod-arch-"))
     ids = token_ids(2, 24)
     srcs = {k: build(k, root / k) for k in ARCHS + POD_MHA_ARCHS}
-    srcs["gemma2-4layer"] = gemma2_4(root / "gemma2-4layer")
+    srcs["gemma2-4layer"] = gemma2_4layer(root / "gemma2-4layer")
     print("arch           impl   identity max|dlogit| prefill / decode")
     for kind, src in srcs.items():
         cfg = json.loads((src / "config.json").read_text())

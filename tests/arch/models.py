@@ -109,6 +109,27 @@ def build(kind: str, folder: Path) -> Path:
     return folder
 
 
+def gemma2_4layer(folder: Path) -> Path:
+    """A 4-layer gemma2 (sliding, full, sliding, full; 2 KV heads): a PoD block of layers 1 and
+    3 skips the sliding layer 2."""
+    import transformers as tf
+
+    torch.manual_seed(14)
+    cfg = tf.Gemma2Config(
+        **{**COMMON, "num_hidden_layers": 4},
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0,
+    )
+    assert cfg.layer_types == ["sliding_attention", "full_attention"] * 2
+    tf.Gemma2ForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
 def fold_identity_in_place(model: torch.nn.Module, model_type: str, method: str) -> None:
     """Merge every layer of a loaded model at identity (--kv-heads = its own count) through
     the adapter's split / merge_layer / join, and load the result back into ``model``.

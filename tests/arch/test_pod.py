@@ -5,6 +5,7 @@ it prefills, and its measured cache equals the saving formula (sliding layers: s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import kvconvert
 from kvconvert.evaluate import kv_cache_bytes
 from kvconvert.pod.layermap import predicted_saving
-from tests.arch.models import ARCHS, COMMON
+from tests.arch.models import ARCHS, gemma2_4layer
 from tests.conftest import load, token_ids
 from tests.pod.test_modeling import decode_logits, make_pod
 
@@ -25,25 +26,8 @@ def impls(arch: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def gemma2_4(tmp_path_factory) -> object:
-    """4 layers: sliding, full, sliding, full: a block of layers 1 and 3 skips layer 2."""
-    import transformers as tf
-
-    torch.manual_seed(14)
-    cfg = tf.Gemma2Config(
-        **{**COMMON, "num_hidden_layers": 4},
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        query_pre_attn_scalar=24,
-        sliding_window=8,
-        attn_logit_softcapping=5.0,
-        final_logit_softcapping=10.0,
-    )
-    assert cfg.layer_types == ["sliding_attention", "full_attention"] * 2
-    folder = tmp_path_factory.mktemp("gemma2_4") / "m"
-    tf.Gemma2ForCausalLM(cfg).save_pretrained(folder)
-    return folder
+def gemma2_4(tmp_path_factory) -> Path:
+    return gemma2_4layer(tmp_path_factory.mktemp("gemma2_4") / "m")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
