@@ -16,7 +16,7 @@ from kvconvert.cli import main
 from kvconvert.errors import KVConvertError
 from kvconvert.evaluate import kl_per_token
 from kvconvert.heal import HealOptions, heal, state_folder
-from tests.conftest import FAST, load, token_ids
+from tests.conftest import FAST, load, tensors, token_ids, torchrun
 
 #: Small enough for a few seconds per run on a laptop CPU.
 SMALL = dict(batch_size=4, seq_len=32, num_samples=16, eval_samples=4, seed=0)
@@ -130,6 +130,30 @@ def test_convert_with_heal_steps_cli(tiny_models, tmp_path):
     assert report["heal"][0]["steps"] == 3 and report["heal"][0]["command"] == report["command"]
     assert load(out).config.num_key_value_heads == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_two_gloo_ranks_equal_one_process_with_double_grad_accum(converted, tmp_path):
+    """torchrun with DDP: 2 ranks x --grad-accum 1 see the batches of 1 process x 2; the
+    training text (sampled from the original) is sampled on rank 0 and broadcast."""
+    src, conv = converted
+    kw = dict(steps=6, lr=1e-2, batch_size=2, seq_len=16, num_samples=12, eval_samples=2)
+    one = heal(_opts(converted, tmp_path / "one", grad_accum=2, **kw), progress=False)
+    args = ["-m", "kvconvert", "heal", str(src), str(conv), "-o", str(tmp_path / "two"), "-q"]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    torchrun([*args, "--seed", "0"])
+    a, b = tensors(one), tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    moved = [k for k in a if not torch.equal(a[k], load_file(conv / "model.safetensors")[k])]
+    assert moved  # training changed something, so the comparison means something
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+    r1 = json.loads((one / "kvconvert.json").read_text())["heal"][0]
+    r2 = json.loads((tmp_path / "two" / "kvconvert.json").read_text())["heal"][0]
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r1["data"]["tokens_seen"] == r2["data"]["tokens_seen"]
+    assert r2["kl_after"] == pytest.approx(r1["kl_after"], rel=1e-4)
+    assert not state_folder(tmp_path / "two").exists()
 
 
 def test_clear_errors(converted, tiny_models, tmp_path):
