@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -85,3 +86,14 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
     out = value.clone()
     dist.all_reduce(out)
     return out / world
+
+
+def from_rank0(value: Any, world: int) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

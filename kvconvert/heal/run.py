@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -135,12 +136,18 @@ class HealRun:
             from torch.nn.parallel import DistributedDataParallel
 
             # Every rank loaded the same checkpoint and seeded the same LoRA init, so the
-            # initial broadcast of the whole model (init_sync) would only cost time and memory.
+            # initial broadcast of the whole model (init_sync) would only cost time and memory;
+            # buffers (rotary tables) never change, so they are not re-sent every forward.
+            no_buffers = (
+                "forward_sync_buffers"  # newer torch; broadcast_buffers (deprecated) before
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else "broadcast_buffers"
+            )
             self.model = DistributedDataParallel(
                 self.student,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
                 init_sync=False,
+                **{no_buffers: False},
             )
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
