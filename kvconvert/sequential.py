@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibration.stats import LayerStats, StatsCollector
+from .distributed import barrier, dist_setup
 from .errors import KVConvertError
 from .gqa.layer import merge_layer, to_float64
 from .recipe import Recipe, parse_size
@@ -94,17 +95,6 @@ class DoneLayer:
 
 
 # --- distributed -----------------------------------------------------------------------------
-def dist_setup(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when launched by torchrun."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def all_reduce_sums(stats: LayerStats, world: int) -> None:
     """Sum one layer's second-moment sums (and token count) over the ranks, in place."""
     if world == 1:
@@ -116,13 +106,6 @@ def all_reduce_sums(stats: LayerStats, world: int) -> None:
     n = torch.tensor([float(stats.count)], dtype=torch.float64, device=stats.k.device)
     dist.all_reduce(n)
     stats.count = int(n.item())
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # --- building layers without building the model ---------------------------------------------
@@ -509,7 +492,7 @@ def convert(
     if rank != 0:
         with gc_frozen():
             _layers(recipe, src, device, out_dtype, tokens, None, None, fp, {}, progress=False)
-        _barrier(world)
+        barrier(world)
         return output
     # A work folder without state (stopped before its first layer completed, or while
     # finishing) is started over; one with state must match this run's fingerprint.
@@ -546,7 +529,7 @@ def convert(
         finish_output(
             work, recipe, src, results, calib_info, shards, out_dtype, command, t0, t_calib
         )
-    _barrier(world)
+    barrier(world)
     return output
 
 

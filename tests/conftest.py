@@ -7,10 +7,13 @@ Nothing is downloaded: each model is created with a fixed seed and saved with
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = Path(os.environ.get("KVCONVERT_STORIES260K", ROOT.parent / "shared/models/stories260K"))
@@ -110,3 +113,23 @@ def token_ids(n: int = 2, length: int = 40, seed: int = 0, vocab: int = 96) -> t
 
 
 FAST = {"num_samples": 4, "seq_len": 32, "batch_size": 4, "progress": False}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's .safetensors files, by name."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node NPROC ARGS`` on this checkout (gloo on CPU,
+    one thread per rank); asserts it succeeded."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    res = subprocess.run(
+        [*cmd, "--standalone", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res

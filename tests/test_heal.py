@@ -16,7 +16,7 @@ from kvconvert.cli import main
 from kvconvert.errors import KVConvertError
 from kvconvert.evaluate import kl_per_token
 from kvconvert.heal import HealOptions, heal, state_folder
-from tests.conftest import FAST, load, token_ids
+from tests.conftest import FAST, load, tensors, token_ids, torchrun
 
 #: Small enough for a few seconds per run on a laptop CPU.
 SMALL = dict(batch_size=4, seq_len=32, num_samples=16, eval_samples=4, seed=0)
@@ -130,6 +130,62 @@ def test_convert_with_heal_steps_cli(tiny_models, tmp_path):
     assert report["heal"][0]["steps"] == 3 and report["heal"][0]["command"] == report["command"]
     assert load(out).config.num_key_value_heads == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+#: Run by torchrun: the CLI run (argv), then the same run through the API, interrupted by a
+#: KeyboardInterrupt on every rank after step 3 (rank 0 saves the state, as on Ctrl-C).
+DDP_SCRIPT = """
+import ast
+import sys
+from kvconvert.cli import main
+from kvconvert.heal import HealOptions, heal
+
+main(sys.argv[2:], standalone_mode=False)
+def stop(run, step, loss):
+    if step == 3:
+        raise KeyboardInterrupt
+try:
+    heal(HealOptions(**ast.literal_eval(sys.argv[1])), False, None, stop)
+except KeyboardInterrupt:
+    pass
+"""
+
+
+def test_two_gloo_ranks_equal_one_process_with_double_grad_accum(converted, tmp_path):
+    """torchrun with DDP: 2 ranks x --grad-accum 1 see the batches of 1 process x 2 (the
+    training text, sampled from the original, is sampled on rank 0 and broadcast); a state
+    saved under torchrun resumes in one process with --grad-accum 2."""
+    src, conv = converted
+    kw = dict(steps=6, lr=1e-2, batch_size=2, seq_len=16, num_samples=12, eval_samples=2)
+    one = heal(_opts(converted, tmp_path / "one", grad_accum=2, **kw), progress=False)
+    args = ["heal", str(src), str(conv), "-o", str(tmp_path / "two"), "-q", "--seed", "0"]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    part = dict(original=str(src), converted=str(conv), output=str(tmp_path / "part"), **kw)
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    torchrun([str(tmp_path / "ddp.py"), repr(part), *args])
+
+    a, b = tensors(one), tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    moved = [k for k in a if not torch.equal(a[k], load_file(conv / "model.safetensors")[k])]
+    assert moved  # training changed something, so the comparison means something
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+    r1 = json.loads((one / "kvconvert.json").read_text())["heal"][0]
+    r2 = json.loads((tmp_path / "two" / "kvconvert.json").read_text())["heal"][0]
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r1["data"]["tokens_seen"] == r2["data"]["tokens_seen"]
+    assert r2["kl_after"] == pytest.approx(r1["kl_after"], rel=1e-4)
+    assert not state_folder(tmp_path / "two").exists()
+
+    assert not (tmp_path / "part").exists()  # interrupted: state only
+    assert torch.load(state_folder(tmp_path / "part") / "state.pt", weights_only=True)["step"] == 3
+    with pytest.raises(KVConvertError, match="differs in grad_accum"):
+        heal(_opts(converted, tmp_path / "part", resume=True, **kw), False)
+    resumed = heal(_opts(converted, tmp_path / "part", resume=True, grad_accum=2, **kw), False)
+    c = tensors(resumed)
+    for name in a:
+        torch.testing.assert_close(c[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_clear_errors(converted, tiny_models, tmp_path):

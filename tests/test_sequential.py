@@ -4,10 +4,7 @@ guarded (NaN, disk), --dry-run, and torch.distributed (two gloo ranks on CPU).""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +14,7 @@ from safetensors.torch import load_file, save_file
 import kvconvert
 from kvconvert import sequential
 from kvconvert.errors import KVConvertError
-from tests.conftest import FAST, ROOT, load, logits, token_ids
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+from tests.conftest import FAST, load, logits, tensors, token_ids, torchrun
 
 
 def weight_bytes(folder: Path) -> dict[str, bytes]:
@@ -146,11 +136,7 @@ def test_two_gloo_ranks_equal_one_process(tiny_models, tmp_path):
         src, str(tmp_path / "one"), kv_heads=2, num_samples=4, seq_len=32, batch_size=2,
         progress=False,
     )  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--standalone", "-m", "kvconvert", src, "-o", str(tmp_path / "two"), "-q", *opts]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun(["-m", "kvconvert", src, "-o", str(tmp_path / "two"), "-q", *opts])
     a, b = tensors(one), tensors(tmp_path / "two")
     assert a.keys() == b.keys()
     for name in a:

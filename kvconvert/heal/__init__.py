@@ -53,11 +53,14 @@ def heal_options_from(recipe: Recipe, converted: str) -> HealOptions:
 
 def convert_and_heal(recipe: Recipe, progress: bool = True, command: str | None = None) -> Path:
     """Convert into a hidden folder beside the output, heal from it into the output."""
-    from ..pipeline import convert
+    from ..distributed import dist_setup, from_rank0, local_device
+    from ..pipeline import convert, resolve_device
 
     output = Path(recipe.output).expanduser()
     check_output(output, recipe.overwrite)
-    staged = output.parent / f".{output.name}.kvconvert-unhealed-{os.getpid()}"
+    rank, world = dist_setup(local_device(resolve_device(recipe.device)))
+    tag = from_rank0(os.getpid(), world)  # under torchrun every rank heals the same folder
+    staged = output.parent / f".{output.name}.kvconvert-unhealed-{tag}"
     opts = heal_options_from(recipe, str(staged)).validate()
     try:
         convert(
@@ -65,4 +68,5 @@ def convert_and_heal(recipe: Recipe, progress: bool = True, command: str | None 
         )
         return heal(opts, progress, command)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(staged, ignore_errors=True)

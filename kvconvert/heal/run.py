@@ -10,12 +10,18 @@ plus the run appended to ``kvconvert.json``.
 A run is resumable: its state (trained tensors, optimiser, RNG, data) is saved in a work
 folder beside the output every ``--save-every`` steps and on Ctrl-C, and the output itself is
 only written, atomically, at the end.
+
+Under ``torchrun`` the student is wrapped in DistributedDataParallel: every rank holds teacher
+and student, rank r of W takes every W-th micro-batch (so W ranks with ``--grad-accum A`` see
+the batches of one process with ``--grad-accum A*W``), DDP averages the gradients, and rank 0
+alone samples the training text (broadcast to the others), evaluates, saves state and writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -35,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .. import report as report_mod
 from ..calibration.data import load_documents, sample_from_model, tokenize_documents
+from ..distributed import barrier, broadcast_tokens, dist_setup, local_device, mean_over_ranks
 from ..errors import KVConvertError
 from ..evaluate import kl_per_token
 from ..pipeline import (
@@ -78,7 +85,15 @@ class HealRun:
         self.converted = Path(opts.converted).expanduser()
         if not (self.converted / "config.json").is_file():
             raise KVConvertError(f"converted model folder {opts.converted!r} has no config.json")
-        self.device = resolve_device(opts.device)
+        self.device = local_device(resolve_device(opts.device))
+        self.rank, self.world = dist_setup(self.device)
+        if self.world > 1 and opts.resume:
+            raise KVConvertError(
+                "--resume is not supported under torchrun; resume in one process with "
+                "--grad-accum multiplied by the number of processes"
+            )
+        self.progress = progress and self.rank == 0
+        progress = self.progress
         self.teacher_device = self.device if opts.teacher_device == "same" else torch.device("cpu")
         self.amp_dtype = autocast_dtype(opts.precision, self.device)
         self.original = resolve_source(
@@ -116,6 +131,24 @@ class HealRun:
                 raise KVConvertError(f"gradient_checkpointing: not supported here: {e}") from e
         self.lr = opts.lr or default_lr(self.student.config)
         self.optimizer = self._make_optimizer()
+        self.model: torch.nn.Module = self.student  # what the training forward pass calls
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Every rank loaded the same checkpoint and seeded the same LoRA init, so the
+            # initial broadcast of the whole model (init_sync) would only cost time and memory;
+            # buffers (rotary tables) never change, so they are not re-sent every forward.
+            no_buffers = (
+                "forward_sync_buffers"  # newer torch; broadcast_buffers (deprecated) before
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else "broadcast_buffers"
+            )
+            self.model = DistributedDataParallel(
+                self.student,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                init_sync=False,
+                **{no_buffers: False},
+            )
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
         )
@@ -198,7 +231,19 @@ class HealRun:
 
     # --- data -----------------------------------------------------------------------------
     def make_data(self) -> None:
-        """Training and held-out token ids from the calibration source (seeded)."""
+        """Training and held-out token ids from the calibration source (seeded).
+
+        Under torchrun rank 0 makes them and broadcasts them: sampling draws every batch from
+        one generator, so splitting it across ranks would change the text, and sampling on
+        several GPUs is not guaranteed bit-identical; the broadcast makes the text identical
+        on every rank by construction (and equal to what one process trains on).
+        """
+        tokens = self._make_tokens() if self.rank == 0 else None
+        tokens = broadcast_tokens(tokens, self.world, self.device)
+        cut = tokens.shape[0] - self.opts.eval_samples
+        self.tokens, self.eval_tokens = tokens[:cut], tokens[cut:]
+
+    def _make_tokens(self) -> torch.Tensor:
         o = self.opts
         n = o.num_samples + o.eval_samples
         if o.calibration == "self":
@@ -219,9 +264,7 @@ class HealRun:
                     f"calibration data gives {tokens.shape[0]} sequences of {o.seq_len} tokens; "
                     f"--eval-samples {o.eval_samples} leaves none to train on"
                 )
-        tokens = tokens.cpu()
-        cut = tokens.shape[0] - o.eval_samples
-        self.tokens, self.eval_tokens = tokens[:cut], tokens[cut:]
+        return tokens.cpu()
 
     def micro_batch(self, k: int) -> torch.Tensor:
         """The k-th micro-batch: the data cycled through in a fresh seeded order each epoch.
@@ -256,6 +299,12 @@ class HealRun:
         t = (step - warm) / max(1, o.steps - warm)
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
+    def _sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """DDP's gradient all-reduce only when ``sync`` (no-op in one process)."""
+        if sync or self.model is self.student:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
     def loss_on(self, ids: torch.Tensor) -> torch.Tensor:
         """KL(teacher || student) per token on ``ids`` (+ weighted hard-label cross-entropy)."""
         with torch.inference_mode(), self.autocast():
@@ -263,7 +312,7 @@ class HealRun:
         lp = F.log_softmax(t_logits.float(), dim=-1).to(self.device)
         ids = ids.to(self.device)
         with self.autocast():
-            s_logits = self.student(input_ids=ids, use_cache=False).logits
+            s_logits = self.model(input_ids=ids, use_cache=False).logits
         lq = F.log_softmax(s_logits.float(), dim=-1)
         loss = F.kl_div(lq.flatten(0, 1), lp.flatten(0, 1), log_target=True, reduction="batchmean")
         if self.opts.hard_label_weight:
@@ -285,12 +334,16 @@ class HealRun:
                 self.optimizer.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=self.device)
                 for m in range(o.grad_accum):
-                    loss = self.loss_on(self.micro_batch(self.step * o.grad_accum + m))
-                    self.scaler.scale(loss / o.grad_accum).backward()
+                    # Rank r of W: micro-batches r, r+W, ... of the step's A*W (DDP averages).
+                    k = (self.step * o.grad_accum + m) * self.world + self.rank
+                    last = m == o.grad_accum - 1
+                    with self._sync(last):  # gradients are all-reduced once, after the last
+                        loss = self.loss_on(self.micro_batch(k))
+                        self.scaler.scale(loss / o.grad_accum).backward()
                     total += loss.detach() / o.grad_accum
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                value = float(total)
+                value = float(mean_over_ranks(total, self.world))  # same on every rank
                 if not math.isfinite(value):
                     raise KVConvertError(
                         f"healing diverged at step {self.step + 1} (loss {value}); lower --lr"
@@ -300,12 +353,19 @@ class HealRun:
                 self.elapsed = time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(self.losses) / len(self.losses):.4f}")
-                if o.save_every and self.step % o.save_every == 0 and self.step < o.steps:
+                if (
+                    o.save_every
+                    and self.step % o.save_every == 0
+                    and self.step < o.steps
+                    and self.rank == 0
+                ):
                     self.save_state()
                 if callback is not None:
                     callback(self, self.step, value)
         except KeyboardInterrupt:
             self.elapsed = time.perf_counter() - t0
+            if self.rank != 0:
+                raise
             self.save_state()
             print(
                 f"\nkvconvert heal: interrupted at step {self.step}/{o.steps}; state saved in "
@@ -327,7 +387,10 @@ class HealRun:
 
     # --- resumable state ------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
-        return {**self.opts.fingerprint(), "initial_digest": self.digest}
+        # W ranks with --grad-accum A compute what one process with A*W does: a state saved
+        # under torchrun resumes in one process with --grad-accum A*W.
+        fp = {**self.opts.fingerprint(), "grad_accum": self.opts.grad_accum * self.world}
+        return {**fp, "initial_digest": self.digest}
 
     def save_state(self) -> None:
         folder = state_folder(self.output)
@@ -453,8 +516,9 @@ class HealRun:
                 "eval_sequences": int(self.eval_tokens.shape[0]),
                 "seq_len": o.seq_len,
                 "seed": o.seed,
-                "tokens_seen": o.steps * o.grad_accum * o.batch_size * o.seq_len,
+                "tokens_seen": o.steps * o.grad_accum * self.world * o.batch_size * o.seq_len,
             },
+            "world_size": self.world,
             "trained": {"mode": f"lora r={o.lora}" if o.lora else o.train, "tensors": tensors},
             "device": str(self.device),
             "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
@@ -561,10 +625,14 @@ def heal(
     try:
         resumed = run.load_state() if opts.resume else False
         if not resumed:
-            shutil.rmtree(state_folder(output), ignore_errors=True)
+            if run.rank == 0:
+                shutil.rmtree(state_folder(output), ignore_errors=True)
             run.make_data()
-            run.kl_before = run.evaluate()
+            run.kl_before = run.evaluate() if run.rank == 0 else None
         run.train(callback)
+        if run.rank != 0:  # rank 0 alone evaluates and writes; the others wait for it
+            barrier(run.world)
+            return output
         run.kl_after = run.evaluate()
         if run.kl_before is not None and run.kl_after >= run.kl_before:
             print(
@@ -573,6 +641,8 @@ def heal(
                 "the converted model",
                 file=sys.stderr,
             )
-        return run.write(command)
+        out = run.write(command)
+        barrier(run.world)
+        return out
     finally:
         run.close()
