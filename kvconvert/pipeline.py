@@ -407,11 +407,25 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _single_process(what: str, world: int) -> None:
+    """Only the layer-sequential engine splits work across torchrun ranks; anything else run
+    under torchrun would compute the same output on every rank and write it N times."""
+    if world > 1:
+        raise KVConvertError(
+            f"torchrun: {what} runs in one process only (the layer-sequential engine, uniform "
+            "--kv-heads GQA on the Llama layout, is the distributed one); run without torchrun"
+        )
+
+
 def _convert(
     recipe: Recipe, src: Source, output: Path, progress: bool, command: str | None, t0: float
 ) -> Path:
     check_target(src, recipe.target)
+    from . import sequential
+    from .distributed import world_size
+
     if recipe.target in ("pod", "gqa,pod"):
+        _single_process("--target " + recipe.target, world_size())
         from .pod.convert import convert_pod
 
         return convert_pod(recipe, src, output, progress, command, t0)
@@ -419,11 +433,11 @@ def _convert(
     device = resolve_device(recipe.device)
     out_dtype = None if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
     torch.manual_seed(recipe.seed)
-    # layer-sequential engine (bounded memory, resume, dry run) where it applies
-    from . import sequential
-
+    # layer-sequential engine (bounded memory, resume, dry run, torchrun) where it applies
     if sequential.applies(recipe, src, counts):
         return sequential.convert(recipe, src, output, device, out_dtype, progress, command, t0)
+    why = sequential.unsupported(recipe, src, counts) or "--pipeline whole"
+    _single_process(f"a conversion with {why}", world_size())
 
     stats, calib_info = None, {"source": "none (data-free method)", "sequences": 0, "seq_len": 0}
     allocation = None

@@ -148,3 +148,16 @@ def test_default_command_and_explicit_convert_agree(tiny_models, tmp_path):
     assert (tmp_path / "a/model.safetensors").read_bytes() == (
         tmp_path / "b/model.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args", [["--target", "pod"], ["--kv-heads", "2", "--rope-keys", "project"]]
+)
+def test_whole_model_paths_refuse_torchrun(tiny_models, tmp_path, monkeypatch, args):
+    """Only the layer-sequential engine is distributed: anything else under torchrun would
+    write the same output from every rank, so it is refused before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = CliRunner().invoke(main, [str(tiny_models["llama"]), *args, "-o", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert "torchrun:" in res.output and "runs in one process only" in res.output
+    assert not (tmp_path / "o").exists()
