@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -67,10 +67,16 @@ class Source:
         self.stored = a.for_checkpoint(self.tensors)
         self.dtype = self.tensors.get(self.stored.tensor_name(0, "k")).dtype
 
-    def layer_weights(self, layer: int) -> AttentionWeights:
-        """Layer ``layer``'s attention tensors, cut into q/k/v/o by the adapter (fused qkv)."""
-        a, t = self.stored, self.tensors
-        stored = {role: t.get_optional(n) for role, n in a.layer_tensor_names(layer).items()}
+    def layer_weights(
+        self, layer: int, read: Mapping[str, torch.Tensor] | None = None
+    ) -> AttentionWeights:
+        """Layer ``layer``'s attention tensors, cut into q/k/v/o by the adapter (fused qkv);
+        ``read``: tensors already in memory, by checkpoint name (not read again)."""
+        a, t, read = self.stored, self.tensors, read or {}
+        stored = {
+            role: read[n] if n in read else t.get_optional(n)
+            for role, n in a.layer_tensor_names(layer).items()
+        }
         return AttentionWeights.from_items(a.split(stored, self.num_heads, self.head_dim))
 
     def attention_tensor_names(self, layer: int) -> dict[str, str]:

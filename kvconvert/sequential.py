@@ -21,7 +21,6 @@ rank 0 writes the output.
 from __future__ import annotations
 
 import copy
-import functools
 import gc
 import hashlib
 import json
@@ -541,18 +540,24 @@ def _cast(t: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t
 
 
-def _write_unchanged(
-    writer: ShardedWriter | None,
-    changed: dict[str, str],
-    written: set[str],
-    out_dtype: torch.dtype | None,
-    name: str,
-    t: torch.Tensor,
-) -> None:
-    """A tensor the conversion keeps goes to the output as read: the checkpoint is read once."""
-    if writer is not None and name not in changed:
-        writer.add(name, _cast(t, out_dtype))
-        written.add(name)
+class _LayerReads:
+    """Routes each source tensor of a layer as its forward pass reads it, so the checkpoint is
+    read once: the attention tensors the conversion changes are kept (as stored) for the
+    solve, the others go to the output at once."""
+
+    def __init__(
+        self, writer: ShardedWriter | None, changed: dict[str, str], out_dtype: torch.dtype | None
+    ):
+        self.writer, self.changed, self.out_dtype = writer, changed, out_dtype
+        self.kept: dict[str, torch.Tensor] = {}
+        self.written: set[str] = set()
+
+    def __call__(self, name: str, t: torch.Tensor) -> None:
+        if name in self.changed:
+            self.kept[name] = t
+        elif self.writer is not None:
+            self.writer.add(name, _cast(t, self.out_dtype))
+            self.written.add(name)
 
 
 def _layers(
@@ -597,10 +602,9 @@ def _layers(
         stats = None
         nxt: list[torch.Tensor] | None = None
         attention = src.attention_tensor_names(i)
-        written: set[str] = set()
-        keep = functools.partial(_write_unchanged, writer, attention, written, out_dtype)
+        reads = _LayerReads(writer, attention, out_dtype)
         if acts is not None:
-            layer = factory.layer(i, on_read=keep)
+            layer = factory.layer(i, on_read=reads)
             with StatsCollector(factory.holder(i, layer), src.adapter, src.config, [i]) as col:
                 outs = [run_layer(layer, factory, i, a.to(device)).to(store) for a in acts]
             del layer
@@ -619,7 +623,8 @@ def _layers(
             stats = col.result()[i]
             nxt = outs if recipe.propagate == "original" else None
             del outs, col  # the collector holds the layer: drop both before solving
-        w = src.layer_weights(i)
+        w = src.layer_weights(i, reads.kept)
+        reads.kept.clear()  # w holds them now, and frees them with itself
         for key, t in w.items().items():
             if t is not None and t.is_floating_point() and not t.isfinite().all():
                 raise KVConvertError(f"layer {i}: source tensor {key} contains NaN/inf")
@@ -653,7 +658,7 @@ def _layers(
             for name in layer_names(src, i):
                 if name in solved:
                     writer.add(name, solved[name])
-                elif name not in written:
+                elif name not in reads.written:
                     writer.add(name, _cast(src.tensors.get(name), out_dtype))
             last = i == src.num_layers - 1
             save_checkpoint(state_dir, i, None if last else acts, writer, results, fp)

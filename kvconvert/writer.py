@@ -86,14 +86,18 @@ class ShardedWriter:
         if self._entries and self._pending_bytes + size > self.max:
             self._flush()
         if self._data is None:
-            self._data = self._data_path().open("w+b")
-            self._data.write(b"\0" * self.reserve)
+            self._open()
         start = self._pending_bytes
         if size:
             self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self._entries.append((name, _ST_DTYPES[t.dtype], list(t.shape), start, start + size))
         self._pending_bytes += size
         self.total_bytes += size
+
+    def _open(self) -> None:
+        """Start the next shard file with its header room reserved."""
+        self._data = self._data_path().open("w+b")
+        self._data.write(b"\0" * self.reserve)
 
     def _header(self) -> bytes:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -104,8 +108,7 @@ class ShardedWriter:
     def _flush(self) -> None:
         path = self._data_path()
         if self._data is None:  # a shard with no tensors at all
-            self._data = path.open("w+b")
-            self._data.write(b"\0" * self.reserve)
+            self._open()
         raw = self._header()
         room = self.reserve - 8
         if len(raw) <= room:  # the usual case: the header goes into the reserved room
