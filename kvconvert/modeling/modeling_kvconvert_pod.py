@@ -257,6 +257,18 @@ class PodCache(Cache):
             self.positions, self.valid = self.positions[indices], self.valid[indices]
 
 
+def pod_cache(
+    cache: Cache | None, config: KVConvertPodConfig, sliding: list[int | None] | None = None
+) -> PodCache:
+    """The PodCache to run with: the caller's, or a new one in place of none or of an empty
+    stock cache (e.g. the DynamicCache that ``generate()`` makes); a filled one is refused."""
+    if isinstance(cache, PodCache):
+        return cache
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(f"PoD models need a PodCache, got a filled {type(cache).__name__}")
+    return PodCache(config, sliding)
+
+
 def pod_masks(
     cache: PodCache, query_length: int, window: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,13 +500,8 @@ class KVConvertPodModel(KVConvertPodPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("PoD models take a 2D padding attention_mask (batch, tokens)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values
-        if cache is not None and not isinstance(cache, PodCache):
-            if cache.get_seq_length() > 0:
-                raise ValueError(f"PoD models need a PodCache, got a filled {type(cache).__name__}")
-            cache = None  # e.g. the empty DynamicCache that generate() makes: replace it
-        if cache is None:
-            cache = PodCache(self.config)  # without use_cache it lives for this forward only
+        # without use_cache a fresh PodCache lives for this forward only
+        cache = pod_cache(past_key_values, self.config)
         batch, length = inputs_embeds.shape[:2]
         past = cache.get_seq_length()
         if position_ids is None:

@@ -28,7 +28,7 @@ from .configuration_kvconvert_pod_stock import (
     KVConvertPodQwen3Config,
     sliding_windows,
 )
-from .modeling_kvconvert_pod import PodCache
+from .modeling_kvconvert_pod import PodCache, pod_cache
 
 
 class PodAttentionMixin:
@@ -91,13 +91,7 @@ class PodCausalLMMixin:
             raise ValueError("PoD models support eager and sdpa attention only")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("PoD models take a 2D padding attention_mask (batch, tokens)")
-        cache = past_key_values
-        if cache is not None and not isinstance(cache, PodCache):
-            if cache.get_seq_length() > 0:
-                raise ValueError(f"PoD models need a PodCache, got a filled {type(cache).__name__}")
-            cache = None  # e.g. the empty DynamicCache that generate() makes: replace it
-        if cache is None:
-            cache = PodCache(self.config, self.pod_windows)
+        cache = pod_cache(past_key_values, self.config, self.pod_windows)
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, length = ref.shape[:2]
         past = cache.get_seq_length()
