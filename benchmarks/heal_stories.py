@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--inits", nargs="+", default=["mean", "svd"])
     ap.add_argument("--steps", type=int, nargs="+", default=[100, 300, 1000])
     ap.add_argument("--set", nargs="*", default=[], help="heal options, e.g. lr=1e-3 lora=4")
+    ap.add_argument("--keep", help="copy each healed folder here (for a second heal stage)")
     args = ap.parse_args()
     extra = {}
     # each option's type from its default, or its CLI type where the default is None (lr)
@@ -64,7 +67,14 @@ def main() -> None:
                 dt = time.perf_counter() - t0
                 healed = AutoModelForCausalLM.from_pretrained(out).eval()
                 after = kl_per_token(orig, healed, evals)
-                print(f"| {init} | {steps} | {before:.3f} | {after:.3f} | {dt:.0f} |", flush=True)
+                rep = json.loads((out / "kvconvert.json").read_text())["heal"][-1]
+                print(
+                    f"| {init} | {steps} | {before:.3f} | {after:.3f} | {dt:.0f} |"
+                    f" train loss (last steps) {rep['final_loss']}",
+                    flush=True,
+                )
+                if args.keep:
+                    shutil.copytree(out, Path(args.keep) / out.name, dirs_exist_ok=True)
 
 
 if __name__ == "__main__":

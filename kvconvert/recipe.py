@@ -164,6 +164,9 @@ class Recipe:
     heal_lr: float | None = option(
         None, "Healing peak learning rate (default: 0.64 / hidden_size).", type=float
     )
+    heal_final_lr: float = option(
+        0.1, "Where healing's cosine lr decay ends, as a fraction of the peak.", type=float
+    )
     heal_batch_size: int = option(8, "Healing sequences per step.", type=int)
     heal_seq_len: int = option(128, "Healing tokens per sequence.", type=int)
     heal_num_samples: int = option(2048, "Healing training sequences from --calibration.", type=int)

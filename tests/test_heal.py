@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from kvconvert.cli import main
 from kvconvert.errors import KVConvertError
 from kvconvert.evaluate import kl_per_token
 from kvconvert.heal import HealOptions, heal, state_folder
+from kvconvert.heal.run import lr_schedule
 from tests.conftest import FAST, load, tensors, token_ids, torchrun
 
 #: Small enough for a few seconds per run on a laptop CPU.
@@ -123,11 +125,13 @@ def test_convert_with_heal_steps_cli(tiny_models, tmp_path):
     args = [str(tiny_models["mistral"]), "--kv-heads", "2", "-o", str(out), "-q"]
     args += ["--num-samples", "4", "--seq-len", "32", "--heal-steps", "3"]
     args += ["--heal-seq-len", "16", "--heal-num-samples", "8", "--heal-batch-size", "2"]
+    args += ["--heal-final-lr", "0.01"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "kvconvert.json").read_text())
     assert report["target"]["num_key_value_heads"] == 2
     assert report["heal"][0]["steps"] == 3 and report["heal"][0]["command"] == report["command"]
+    assert report["heal"][0]["options"]["final_lr"] == 0.01
     assert load(out).config.num_key_value_heads == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
 
@@ -200,6 +204,19 @@ def test_clear_errors(converted, tiny_models, tmp_path):
         heal(_opts((src, same), tmp_path / "c"), False)
     res = CliRunner().invoke(main, ["heal", str(src), str(conv), "-o", str(conv)])
     assert res.exit_code != 0 and "already exists" in res.output
+    res = CliRunner().invoke(main, ["heal", str(src), str(conv), "-o", "x", "--final-lr", "2"])
+    assert res.exit_code != 0 and "final_lr: a fraction of --lr in [0, 1], got 2.0" in res.output
+
+
+def test_lr_schedule_warms_up_then_decays_to_final_lr():
+    opts = HealOptions(original="a", converted="b", output="c", steps=1000, warmup=0.1)
+    lrs = [lr_schedule(replace(opts, final_lr=0.01), 2.0, s) for s in range(1000)]
+    assert lrs[0] == pytest.approx(0.02) and lrs[99] == pytest.approx(2.0)
+    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:], strict=False))  # never rises again
+    assert lrs[-1] == pytest.approx(0.02, abs=1e-4)  # 0.01 x peak at the end of the run
+    assert lr_schedule(opts, 2.0, 999) == pytest.approx(0.2, abs=1e-3)  # default: 0.1 x peak
+    constant = replace(opts, schedule="constant", final_lr=0.0)
+    assert lr_schedule(constant, 2.0, 999) == 2.0
 
 
 REMOTE = {

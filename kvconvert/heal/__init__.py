@@ -37,6 +37,7 @@ def heal_options_from(recipe: Recipe, converted: str) -> HealOptions:
         train=recipe.heal_train,
         lora=recipe.heal_lora,
         lr=recipe.heal_lr,
+        final_lr=recipe.heal_final_lr,
         batch_size=recipe.heal_batch_size,
         seq_len=recipe.heal_seq_len,
         num_samples=recipe.heal_num_samples,

@@ -57,7 +57,13 @@ class HealOptions:
     weight_decay: float = option(0.0, "Weight decay (AdamW) / L2 (SGD).", type=float)
     warmup: float = option(0.05, "Linear warm-up, as a fraction of --steps.", type=float)
     schedule: str = option(
-        "cosine", "After warm-up: cosine decay to 0.1 x lr, or constant.", SCHEDULES
+        "cosine", "After warm-up: cosine decay to --final-lr x lr, or constant.", SCHEDULES
+    )
+    final_lr: float = option(
+        0.1,
+        "Where the cosine decay ends, as a fraction of --lr (lower: less gradient noise at the "
+        "end of a run).",
+        type=float,
     )
     batch_size: int = option(8, "Sequences per micro-batch.", type=int)
     grad_accum: int = option(1, "Micro-batches per optimiser step.", type=int)
@@ -125,6 +131,8 @@ class HealOptions:
             raise KVConvertError(f"lr: must be positive, got {self.lr!r}")
         if not 0 <= self.warmup < 1:
             raise KVConvertError(f"warmup: a fraction of --steps in [0, 1), got {self.warmup!r}")
+        if not 0 <= self.final_lr <= 1:
+            raise KVConvertError(f"final_lr: a fraction of --lr in [0, 1], got {self.final_lr!r}")
         if self.weight_decay < 0 or self.hard_label_weight < 0:
             raise KVConvertError("weight_decay and hard_label_weight must be >= 0")
         if self.lora and self.train == "all":

@@ -290,14 +290,7 @@ class HealRun:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def lr_at(self, step: int) -> float:
-        o = self.opts
-        warm = max(1, round(o.warmup * o.steps))
-        if step < warm and o.warmup > 0:
-            return self.lr * (step + 1) / warm
-        if o.schedule == "constant":
-            return self.lr
-        t = (step - warm) / max(1, o.steps - warm)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        return lr_schedule(self.opts, self.lr, step)
 
     def _sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """DDP's gradient all-reduce only when ``sync`` (no-op in one process)."""
@@ -527,6 +520,18 @@ class HealRun:
 
     def close(self) -> None:
         self.tensors.close()
+
+
+def lr_schedule(opts: HealOptions, peak: float, step: int) -> float:
+    """The lr of 0-based ``step``: linear warm-up to ``peak``, then constant or a cosine decay
+    towards ``opts.final_lr * peak`` (reached one step after the last)."""
+    warm = max(1, round(opts.warmup * opts.steps))
+    if step < warm and opts.warmup > 0:
+        return peak * (step + 1) / warm
+    if opts.schedule == "constant":
+        return peak
+    t = (step - warm) / max(1, opts.steps - warm)
+    return peak * (opts.final_lr + (1 - opts.final_lr) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def default_lr(config: Any) -> float:
