@@ -16,7 +16,8 @@ from kvconvert.evaluate import kv_cache_bytes
 from tests.conftest import FAMILIES, FAST, load, logits, token_ids
 
 # Loads each folder in a fresh interpreter in which `import kvconvert` fails and the worktree
-# is off sys.path, as on a machine where kvconvert is not installed.
+# root is off sys.path, as on a machine where kvconvert is not installed. (Only the root
+# itself: a virtual environment inside the checkout must keep its site-packages.)
 LOADER = textwrap.dedent(
     """
     import sys
@@ -26,8 +27,7 @@ LOADER = textwrap.dedent(
                 raise ImportError("kvconvert is not installed here")
     sys.meta_path.insert(0, NoKVConvert())
     root = sys.argv[1]
-    inside = lambda p: p == root or p.startswith(root.rstrip("/") + "/")
-    sys.path[:] = [p for p in sys.path if p not in ("", ".") and not inside(p)]
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", root, root.rstrip("/") + "/")]
     import torch
     from transformers import AutoModelForCausalLM
     ids = torch.load(sys.argv[2])
