@@ -106,6 +106,13 @@ def test_interrupt_leaves_output_untouched_and_resume_matches(converted, tmp_pat
 
     with pytest.raises(KVConvertError, match="differs in lr"):
         heal(_opts(converted, out, steps=12, overwrite=True, resume=True, lr=1e-4), False)
+    # A state saved before --final-lr existed (no such key) resumes as the 0.1 it used.
+    fingerprint = json.loads(state["fingerprint"])
+    del fingerprint["final_lr"]
+    state["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    torch.save(state, state_folder(out) / "state.pt")
+    with pytest.raises(KVConvertError, match="differs in final_lr"):
+        heal(_opts(converted, out, steps=12, overwrite=True, resume=True, final_lr=0.5), False)
 
     resumed_from = []
     heal(

@@ -416,6 +416,7 @@ class HealRun:
         if state.get("version") != STATE_VERSION:
             raise KVConvertError(f"{path} was saved by another kvconvert version; cannot resume")
         saved = json.loads(state["fingerprint"])
+        saved.setdefault("final_lr", 0.1)  # states saved before --final-lr existed used 0.1
         now = self._fingerprint()
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
