@@ -30,7 +30,14 @@ from .gqa.project import ProjectedLayerResult, RotatedStatsCollector, project_la
 from .modeling import export as remote
 from .recipe import Recipe, parse_size
 from .source import TensorSource, read_config, resolve_source
-from .writer import ShardedWriter, atomic_output, check_output, copy_side_files, write_json
+from .writer import (
+    ShardedWriter,
+    atomic_output,
+    cast_float,
+    check_output,
+    copy_side_files,
+    write_json,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -350,14 +357,14 @@ def solved_tensors(
     """
     owner = {name: i for i in range(src.num_layers) for name in src.attention_tensor_names(i)}
     out_adapter = src.stored.output_adapter()
-    renames = src.adapter.remote_family.renames if src.adapter.remote_family else {}
+    renames = src.adapter.load_renames if src.adapter.remote_family else {}  # remote code
     bar = tqdm(total=src.num_layers, desc="solving layers", unit="layer", disable=not progress)
     for name in src.tensors.names():
         if name not in owner:
             t = src.tensors.get(name)
             yield (
                 renames.get(name, name),
-                t.to(out_dtype) if out_dtype and t.is_floating_point() else t,
+                cast_float(t, out_dtype),
             )
             continue
         i = owner[name]

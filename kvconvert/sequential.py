@@ -44,7 +44,7 @@ from .distributed import barrier, dist_setup
 from .errors import KVConvertError
 from .gqa.layer import merge_layer, to_float64
 from .recipe import Recipe, parse_size
-from .writer import ShardedWriter, resumable_output, work_folder
+from .writer import ShardedWriter, cast_float, resumable_output, work_folder
 
 STATE_DIR = ".kvconvert-resume"
 #: Options that do not change the result (left out of the resume fingerprint).
@@ -512,7 +512,7 @@ def convert(
                 )
             for name in src.tensors.names():
                 if not any(name.startswith(p) for p in _layer_prefixes(src)):
-                    writer.add(name, _cast(src.tensors.get(name), out_dtype))
+                    writer.add(name, cast_float(src.tensors.get(name), out_dtype))
             shards = writer.finish()
         except KeyboardInterrupt:
             writer.close()
@@ -536,10 +536,6 @@ def _layer_prefixes(src: Any) -> list[str]:
     return [src.adapter.layer_prefix.format(i=i) for i in range(src.num_layers)]
 
 
-def _cast(t: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
-    return t.to(out_dtype) if out_dtype is not None and t.is_floating_point() else t
-
-
 class _LayerReads:
     """Routes each source tensor of a layer as its forward pass reads it, so the checkpoint is
     read once: the attention tensors the conversion changes are kept (as stored) for the
@@ -556,7 +552,7 @@ class _LayerReads:
         if name in self.changed:
             self.kept[name] = t
         elif self.writer is not None:
-            self.writer.add(name, _cast(t, self.out_dtype))
+            self.writer.add(name, cast_float(t, self.out_dtype))
             self.written.add(name)
 
 
@@ -659,7 +655,7 @@ def _layers(
                 if name in solved:
                     writer.add(name, solved[name])
                 elif name not in reads.written:
-                    writer.add(name, _cast(src.tensors.get(name), out_dtype))
+                    writer.add(name, cast_float(src.tensors.get(name), out_dtype))
             last = i == src.num_layers - 1
             save_checkpoint(state_dir, i, None if last else acts, writer, results, fp)
         del solved, res

@@ -185,6 +185,12 @@ class ShardedWriter:
         return names
 
 
+def cast_float(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in the output dtype when one is set and ``t`` is floating point (ids, masks and
+    integer buffers keep theirs)."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 

@@ -11,10 +11,6 @@ keeps every head, so its output is the stock class with PoD attention (``pod_mod
 from ..modeling import RemoteFamily
 from .base import AttentionAdapter
 
-#: Pythia stores the LM head as ``embed_out``; only the stock loader renames it, so outputs
-#: loaded as remote code store it under the loaded name.
-LOAD_RENAMES = {"embed_out.weight": "lm_head.weight"}
-
 GPT_NEOX = AttentionAdapter(
     name="gpt_neox",
     model_types=("gpt_neox",),
@@ -36,10 +32,11 @@ GPT_NEOX = AttentionAdapter(
             "k_proj": "attention.k_proj",
             "v_proj": "attention.v_proj",
         },
-        renames=LOAD_RENAMES,
     ),
     pod_models={"gpt_neox": "GPTNeoX"},
-    load_renames=LOAD_RENAMES,
+    # Pythia stores the LM head as ``embed_out``; only the stock loader renames it, so the
+    # remote-code outputs (GQA and PoD) store it under the loaded name.
+    load_renames={"embed_out.weight": "lm_head.weight"},
     notes="fused qkv interleaved per head, written as separate q/k/v_proj; partial rotary "
     "(rotary_pct); GQA output through kvconvert's modeling code; PoD on the stock class",
 )

@@ -25,9 +25,8 @@ class RemoteFamily:
 
     The files are ``configuration_<model_type>.py`` and ``modeling_<model_type>.py`` in this
     folder. ``layout`` lists the :class:`~kvconvert.arch.AttentionAdapter` fields that differ
-    in the written checkpoint (e.g. a fused qkv stored as separate projections); ``renames``
-    maps other source tensor names to the names the model class loads (transformers renames
-    some legacy names only for its own classes, e.g. GPT-NeoX's ``embed_out``).
+    in the written checkpoint (e.g. a fused qkv stored as separate projections). Legacy tensor
+    names that only the stock loader renames are the adapter's ``load_renames``.
     """
 
     model_type: str
@@ -35,7 +34,6 @@ class RemoteFamily:
     model_class: str
     causal_lm_class: str
     layout: dict[str, Any] = field(default_factory=dict)
-    renames: dict[str, str] = field(default_factory=dict)
 
     @property
     def files(self) -> tuple[str, str]:

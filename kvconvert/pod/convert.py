@@ -19,7 +19,7 @@ import torch
 
 from .. import report as report_mod
 from ..recipe import Recipe, parse_size
-from ..writer import ShardedWriter, atomic_output, copy_side_files, write_json
+from ..writer import ShardedWriter, atomic_output, cast_float, copy_side_files, write_json
 from .card import pod_model_card
 from .checkpoint import copy_modeling_files, pod_config
 from .layermap import (
@@ -153,9 +153,7 @@ def _pod(
         writer = ShardedWriter(work, parse_size(recipe.max_shard_size))
         renames = src.adapter.load_renames  # the remote code loads without them
         for name in src.tensors.names():
-            t = src.tensors.get(name)
-            t = t.to(out_dtype) if out_dtype and t.is_floating_point() else t
-            writer.add(renames.get(name, name), t)
+            writer.add(renames.get(name, name), cast_float(src.tensors.get(name), out_dtype))
         shards = writer.finish()
         config = pod_config(
             src.config,

@@ -25,6 +25,15 @@ COMMON = dict(
     pad_token_id=0,
     initializer_range=0.1,
 )
+#: gemma2's own features, all switched on: a head_dim of its own, query_pre_attn_scalar, a
+#: sliding window shorter than the test sequences, and both soft-caps
+GEMMA2 = dict(
+    head_dim=24,
+    query_pre_attn_scalar=24,
+    sliding_window=8,
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=10.0,
+)
 ARCHS = ("phi3", "qwen3", "gemma", "gemma2")
 #: architectures whose GQA output loads through kvconvert's modeling code (remote code)
 REMOTE_ARCHS = ("gpt_neox", "opt", "gpt2")
@@ -83,16 +92,7 @@ def build(kind: str, folder: Path) -> Path:
         )
         model = tf.GPT2LMHeadModel(cfg)
     elif kind == "gemma2":
-        cfg = tf.Gemma2Config(
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            head_dim=24,
-            query_pre_attn_scalar=24,
-            sliding_window=8,
-            attn_logit_softcapping=5.0,
-            final_logit_softcapping=10.0,
-            **COMMON,
-        )
+        cfg = tf.Gemma2Config(num_attention_heads=4, num_key_value_heads=4, **GEMMA2, **COMMON)
         model = tf.Gemma2ForCausalLM(cfg)
     else:
         raise ValueError(kind)
@@ -116,14 +116,7 @@ def gemma2_4layer(folder: Path) -> Path:
 
     torch.manual_seed(14)
     cfg = tf.Gemma2Config(
-        **{**COMMON, "num_hidden_layers": 4},
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        query_pre_attn_scalar=24,
-        sliding_window=8,
-        attn_logit_softcapping=5.0,
-        final_logit_softcapping=10.0,
+        **{**COMMON, "num_hidden_layers": 4}, num_attention_heads=4, num_key_value_heads=2, **GEMMA2
     )
     assert cfg.layer_types == ["sliding_attention", "full_attention"] * 2
     tf.Gemma2ForCausalLM(cfg).save_pretrained(folder)

@@ -14,11 +14,8 @@ import torch
 import kvconvert
 from kvconvert.errors import KVConvertError
 from tests.arch.models import POD_MHA_ARCHS
-from tests.arch.test_pod import POD, check_real_map
+from tests.arch.test_pod import POD, check_identity, check_real_map
 from tests.conftest import load, token_ids
-from tests.pod.test_modeling import decode_logits
-
-STOCK = {"gpt_neox": "GPTNeoXForCausalLM", "opt": "OPTForCausalLM"}
 
 
 def convert_with_map(src, dst, layers: list[int], tmp_path):
@@ -32,14 +29,7 @@ def test_identity_map_equals_stock(remote_arch_models, tmp_path, arch):
     """Through ``convert`` (GPT-NeoX's ``embed_out`` is stored as the ``lm_head`` it loads as)."""
     src = remote_arch_models[arch]
     out = convert_with_map(src, tmp_path / "pod", [0, 1], tmp_path)
-    ids = token_ids(2, 24)
-    for impl in ("eager", "sdpa"):
-        pod = load(out, trust_remote_code=True, attn_implementation=impl)
-        assert type(pod).__name__ == f"KVConvertPod{STOCK[arch]}"
-        with torch.inference_mode():
-            want = load(src, attn_implementation=impl)(input_ids=ids).logits
-            assert (pod(input_ids=ids).logits - want).abs().max() < 1e-5
-        assert (decode_logits(pod, ids, 5) - want).abs().max() < 1e-5
+    check_identity(src, out, ["eager", "sdpa"])
 
 
 @pytest.mark.parametrize("arch", POD_MHA_ARCHS)
