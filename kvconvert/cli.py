@@ -16,7 +16,7 @@ import click
 from .errors import KVConvertError
 from .evaluate import EvalSettings
 from .heal.options import HealOptions
-from .recipe import LOCAL_ONLY, Recipe, load_recipe_file
+from .recipe import DEVICES, LOCAL_ONLY, Recipe, load_recipe_file
 
 
 class DefaultToConvert(click.Group):
@@ -41,6 +41,7 @@ def main() -> None:
     kvconvert heal ORIGINAL CONVERTED -o OUT            recover quality by distillation
     kvconvert demo -o DIR                               offline end-to-end demo
     kvconvert inspect MODEL                             is MODEL supported, and how
+    kvconvert check OUT                                 does OUT still work (after upgrades)
     """
 
 
@@ -275,6 +276,54 @@ def eval_cmd(
     if plot_path:
         _run(lambda: write_plot(doc, plot_path))
         click.echo(f"wrote {plot_path}", err=True)
+
+
+@main.command("check")
+@click.argument("output")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    type=click.Choice(DEVICES),
+    help="Where the model runs (auto: CUDA if available).",
+)
+@click.option(
+    "--new-tokens",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens to generate and compare with the uncached forward.",
+)
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Run the model code a Hub repo or a folder not written by kvconvert ships (a local "
+    "kvconvert output's own code runs without it).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check_cmd(
+    output: str, device: str, new_tokens: int, trust_remote_code: bool, as_json: bool
+) -> None:
+    """Does OUTPUT still work with the installed transformers (e.g. after an upgrade)?
+
+    OUTPUT is a kvconvert output folder (or any causal LM folder or Hub id). Loads it as a user
+    would, checks greedy generate() against an uncached forward, and the cache bytes after a
+    prefill against the conversion report. Prints one line, ok: or FAILED:, and exits 1 on
+    failure. See docs/check.md.
+    """
+    from .check import check
+
+    res = _run(
+        lambda: check(
+            output,
+            device=device,
+            new_tokens=new_tokens,
+            trust_remote_code=trust_remote_code or None,
+        )
+    )
+    click.echo(json.dumps(res.to_dict(), indent=2) if as_json else res.line())
+    if not res.ok:
+        sys.exit(1)
 
 
 def _run(fn):  # noqa: ANN001, ANN202 - tiny helper

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .compat import cache_kwargs, output_cache
 from .errors import KVConvertError
 from .recipe import DEVICES, DTYPES, option
 
@@ -200,7 +201,7 @@ def cache_bytes(cache: Any) -> int:
 def kv_cache_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     """Bytes held by the real cache object after a prefill of ``input_ids``."""
     out = model(input_ids=input_ids.to(model_device(model)), use_cache=True)
-    return cache_bytes(out.past_key_values)
+    return cache_bytes(output_cache(out))
 
 
 def _sync(device: torch.device) -> None:
@@ -224,13 +225,13 @@ def prefill_decode(
     out = model(input_ids=ids, use_cache=True)
     _sync(dev)
     t1 = time.perf_counter()
-    cache = out.past_key_values
+    cache = output_cache(out)
     nbytes = cache_bytes(cache)
     nxt = out.logits[:, -1:].argmax(-1)
     gen = [nxt]
     for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **cache_kwargs(cache))
+        cache = output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
         gen.append(nxt)
     _sync(dev)

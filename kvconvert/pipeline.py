@@ -22,6 +22,7 @@ from . import report as report_mod
 from .arch import AttentionAdapter, get_adapter
 from .calibration.data import batches, load_documents, sample_from_model, tokenize_documents
 from .calibration.stats import LayerStats, StatsCollector
+from .compat import stamp_config
 from .errors import KVConvertError
 from .gqa import budget as budget_mod
 from .gqa.fold import AttentionWeights
@@ -528,7 +529,7 @@ def finish_output(
     if out_dtype is not None:
         config["dtype"] = recipe.dtype
         config.pop("torch_dtype", None)
-    write_json(work / "config.json", config)
+    write_json(work / "config.json", stamp_config(config))
     side = copy_side_files(src.folder, work)
     final_dtype = out_dtype or src.dtype
     rep = {

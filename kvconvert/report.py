@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .compat import NEWEST_TESTED_TRANSFORMERS, OLDEST_TRANSFORMERS
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -188,6 +190,16 @@ def _fidelity(report: dict[str, Any]) -> list[str]:
     return ["Measured at conversion time (details in `kvconvert.json`):", "", *rows]
 
 
+def tested_versions() -> str:
+    """The model card's sentence on transformers versions (docs/support.md)."""
+    return (
+        f"Written with transformers {md.version('transformers')}; kvconvert tests its outputs "
+        f"under transformers {OLDEST_TRANSFORMERS} to {NEWEST_TESTED_TRANSFORMERS}. After "
+        "upgrading transformers, `kvconvert check FOLDER` says whether this checkpoint still "
+        "generates as it should."
+    )
+
+
 def _how_to_load(remote_code: bool) -> list[str]:
     if remote_code:
         intro = (
@@ -204,6 +216,8 @@ def _how_to_load(remote_code: bool) -> list[str]:
         arg = ""
     return [
         intro,
+        "",
+        tested_versions(),
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",

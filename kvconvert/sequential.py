@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibration.stats import LayerStats, StatsCollector
+from .compat import cache_kwargs
 from .distributed import barrier, dist_setup
 from .errors import KVConvertError
 from .gqa.layer import merge_layer, to_float64
@@ -198,8 +199,8 @@ class LayerFactory:
             config=self.cfg,
             inputs_embeds=h,
             attention_mask=None,
-            past_key_values=None,
             position_ids=pos,
+            **cache_kwargs(None),
         )
         return {
             "attention_mask": mask,

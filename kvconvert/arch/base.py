@@ -61,8 +61,8 @@ class AttentionAdapter:
     #: with ``trust_remote_code=True``, kvconvert's model files written into it).
     outputs: dict[str, str] = field(default_factory=lambda: {"gqa": "stock"})
     #: the ``--target pod`` output class per model_type: absent = kvconvert's own Llama-layout
-    #: PoD model (``modeling_kvconvert_pod.py``); X = ``KVConvertPod{X}ForCausalLM`` in
-    #: ``modeling_kvconvert_pod_stock.py``, the stock class of this architecture with PoD
+    #: PoD model (``KVConvertPodForCausalLM``, the stock Llama classes); X =
+    #: ``KVConvertPod{X}ForCausalLM``, the stock class of this architecture with PoD
     #: attention (sliding-window layers keep their stock cache and own keys there).
     pod_models: dict[str, str] = field(default_factory=dict)
     #: the modeling code a ``--target gqa`` output gets when no stock class has GQA for this

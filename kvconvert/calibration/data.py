@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_kwargs, output_cache
 from ..errors import KVConvertError
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -166,8 +167,8 @@ def sample_from_model(
         seq = [ids]
         cache = None
         for _ in range(seq_len - 1):
-            res = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            cache = res.past_key_values
+            res = model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+            cache = output_cache(res)
             probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
             ids = torch.multinomial(probs, 1, generator=gen)
             seq.append(ids)

@@ -1,19 +1,33 @@
 """Configuration of a PoD checkpoint (proximal tokens over distant tokens, layer key sharing).
 
-A Llama-layout decoder (llama, mistral, qwen2) whose layers share the keys of *distant* tokens
-within blocks of consecutive layers, per KV head. Written by kvconvert; stands alone (only
-transformers is needed to load it with ``trust_remote_code=True``).
-
-PoD fields:
+PoD fields, the same for every architecture:
 
 - ``pod_sink`` (n_s): the first n_s tokens of a sequence are always proximal.
 - ``pod_recent`` (n_r): a key is proximal to a query when it is at most n_r positions before it.
 - ``pod_map``: ``pod_map[layer][kv_head]`` is the layer whose keys that head uses for distant
   tokens (the bottom of its block). ``pod_map[l][h] == l`` means the head keeps its own keys
   everywhere. ``None`` means every layer is its own block (the original model).
+
+``KVConvertPodConfig`` describes Llama-layout sources (llama, mistral, qwen2) with resolved
+RoPE, bias and sliding-window facts; the ``KVConvertPod<Arch>Config`` classes are the stock
+config of their architecture (every key of the source kept verbatim) plus the PoD fields.
+There, sliding-window layers keep the stock sliding cache and their own keys; a block is a run
+of consecutive full-attention layers (sliding layers in between are skipped). Written by
+kvconvert; stands alone (only transformers is needed to load it with
+``trust_remote_code=True``).
 """
 
-from transformers import PreTrainedConfig
+from dataclasses import dataclass
+
+from transformers import (
+    Gemma2Config,
+    GemmaConfig,
+    GPTNeoXConfig,
+    OPTConfig,
+    Phi3Config,
+    PreTrainedConfig,
+    Qwen3Config,
+)
 
 
 class KVConvertPodConfig(PreTrainedConfig):
@@ -41,6 +55,9 @@ class KVConvertPodConfig(PreTrainedConfig):
     #: bias on q/k/v projections (qwen2; llama with attention_bias) and on o_proj (llama only).
     attention_qkv_bias: bool = False
     attention_out_bias: bool = False
+    #: what the stock Llama attention builds its four projections with (= attention_qkv_bias;
+    #: o_proj is rebuilt where attention_out_bias differs)
+    attention_bias: bool | None = None
     mlp_bias: bool = False
     #: sliding-window attention as the source had it (mistral, qwen2 with use_sliding_window).
     sliding_window: int | None = None
@@ -59,6 +76,8 @@ class KVConvertPodConfig(PreTrainedConfig):
             self.layer_types = [kind] * self.num_hidden_layers
         if self.pod_map is None:
             self.pod_map = [[i] * self.num_key_value_heads for i in range(self.num_hidden_layers)]
+        if self.attention_bias is None:
+            self.attention_bias = self.attention_qkv_bias
         super().__post_init__(**kwargs)
         check_pod_map(self.pod_map, self.num_hidden_layers, self.num_key_value_heads)
         if self.pod_sink < 0 or self.pod_recent < 0:
@@ -80,4 +99,104 @@ def check_pod_map(pod_map: list[list[int]], num_layers: int, num_kv_heads: int) 
                 )
 
 
-__all__ = ["KVConvertPodConfig"]
+def sliding_windows(config) -> list[int | None]:
+    """Per layer, the sliding window the stock model applies there (None: full attention).
+
+    ``layer_types`` when the config has them (gemma2, qwen3), else the stock rule of configs
+    without them (phi3): ``sliding_window`` set means every layer slides.
+    """
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return [window if kind == "sliding_attention" else None for kind in kinds]
+    return [window] * config.num_hidden_layers
+
+
+def kv_heads(config) -> int:
+    """KV heads per layer: ``num_key_value_heads``, or every query head in MHA-only configs
+    (GPT-NeoX, OPT) that do not declare it."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def check_pod_config(config) -> None:
+    """Fill the identity map when absent; refuse a map the PoD cache cannot hold."""
+    layers, kv = config.num_hidden_layers, kv_heads(config)
+    if config.pod_map is None:
+        config.pod_map = [[i] * kv for i in range(layers)]
+    pod_map, windows = config.pod_map, sliding_windows(config)
+    if len(pod_map) != layers or any(len(row) != kv for row in pod_map):
+        raise ValueError(f"pod_map must be {layers} rows of {kv} layer indices")
+    full = [i for i, w in enumerate(windows) if w is None]
+    for layer, row in enumerate(pod_map):
+        for head, bottom in enumerate(row):
+            if windows[layer] is not None and bottom != layer:
+                raise ValueError(
+                    f"pod_map[{layer}][{head}] = {bottom}: layer {layer} is a sliding-window "
+                    "layer, it keeps its own keys"
+                )
+            if bottom == layer:
+                continue
+            if not 0 <= bottom < layer or windows[bottom] is not None:
+                raise ValueError(
+                    f"pod_map[{layer}][{head}] = {bottom} is not a full-attention layer <= {layer}"
+                )
+            if any(pod_map[k][head] != bottom for k in full if bottom <= k <= layer):
+                raise ValueError(
+                    f"pod_map[{layer}][{head}] = {bottom}: the full-attention layers {bottom}.."
+                    f"{layer} must all use layer {bottom} for head {head} (blocks are runs of "
+                    "consecutive layers)"
+                )
+    if config.pod_sink < 0 or config.pod_recent < 0:
+        raise ValueError("pod_sink and pod_recent must be >= 0")
+
+
+@dataclass
+class PodConfigMixin:
+    """The PoD fields every architecture's config adds to its stock config, checked on load.
+
+    A dataclass, so that its fields join the subclass's config fields (saved by ``to_dict``
+    with their defaults), as fields declared on the subclass itself would.
+    """
+
+    pod_sink: int = 16
+    pod_recent: int = 4080
+    pod_map: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_pod_config(self)
+
+
+class KVConvertPodPhi3Config(PodConfigMixin, Phi3Config):
+    model_type = "kvconvert_pod_phi3"
+
+
+class KVConvertPodQwen3Config(PodConfigMixin, Qwen3Config):
+    model_type = "kvconvert_pod_qwen3"
+
+
+class KVConvertPodGemmaConfig(PodConfigMixin, GemmaConfig):
+    model_type = "kvconvert_pod_gemma"
+
+
+class KVConvertPodGemma2Config(PodConfigMixin, Gemma2Config):
+    model_type = "kvconvert_pod_gemma2"
+
+
+class KVConvertPodGPTNeoXConfig(PodConfigMixin, GPTNeoXConfig):
+    model_type = "kvconvert_pod_gpt_neox"
+
+
+class KVConvertPodOPTConfig(PodConfigMixin, OPTConfig):
+    model_type = "kvconvert_pod_opt"
+
+
+__all__ = [
+    "KVConvertPodConfig",
+    "KVConvertPodGPTNeoXConfig",
+    "KVConvertPodGemma2Config",
+    "KVConvertPodGemmaConfig",
+    "KVConvertPodOPTConfig",
+    "KVConvertPodPhi3Config",
+    "KVConvertPodQwen3Config",
+]

@@ -3,8 +3,10 @@
 Written into kvconvert outputs that a stock transformers class cannot express and loaded with
 ``trust_remote_code=True``; it uses only public transformers API and imports nothing from
 kvconvert. The layout (names of every weight) is Llama's, so llama, mistral and qwen2
-checkpoints map onto it one to one; the architecture-specific parts are the norm, the MLP and
-the rotary embedding, each one small class below.
+checkpoints map onto it one to one. It is the stock Llama decoder (norms, gated MLP, rotary
+embedding, decoder layer, attention function) with two things of its own: each layer's
+attention is built with that layer's KV head count and the source's per-projection biases,
+and the model forward builds a mask per layer type (sliding-window layers of mistral/qwen2).
 
 Post-RoPE key projection (``config.key_projection_heads[i] > 0``), the method of the GQA
 paper: ``k_proj`` keeps the full width of P key heads; after RoPE, each group of t = P / G
@@ -17,143 +19,72 @@ because RoPE's position-dependent rotation sits between them.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 from .configuration_kvconvert import KVConvertConfig
 
-
-class KVConvertRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        h = hidden_states.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
-
-
-class KVConvertMLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x))."""
-
-    def __init__(self, config: KVConvertConfig) -> None:
-        super().__init__()
-        h, m, b = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, m, bias=b)
-        self.up_proj = nn.Linear(h, m, bias=b)
-        self.down_proj = nn.Linear(m, h, bias=b)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
+# ``cache``. Read which name the installed version uses from its public signatures, accept
+# both from callers (``generate()`` passes the new one), and pass on the one it expects.
+CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
+CACHE_FIELD = (
+    "cache"
+    if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+    else "past_key_values"
+)
 
 
-class KVConvertRotaryEmbedding(nn.Module):
-    """cos/sin tables in the ``rotate_half`` layout, for any rope type transformers knows."""
-
-    inv_freq: torch.Tensor
-
-    def __init__(self, config: KVConvertConfig) -> None:
-        super().__init__()
-        self.max_seq_len_cached = config.max_position_embeddings
-        self.original_max_seq_len = config.max_position_embeddings
-        self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
-        init_fn = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = init_fn(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-
-    @staticmethod
-    def compute_default_rope_parameters(
-        config: KVConvertConfig, **kwargs
-    ) -> tuple[torch.Tensor, float]:
-        base = config.rope_parameters["rope_theta"]
-        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-
-    @torch.no_grad()
-    @dynamic_rope_update
-    def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
-        return cos.to(x.dtype), sin.to(x.dtype)
+def pick_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache a caller passed, under either name (the new one is removed from kwargs)."""
+    cache = kwargs.pop("cache", None)
+    return cache if cache is not None else past_key_values
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the leading ``cos.shape[-1]`` dims of x (batch, heads, seq, d); the rest pass."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    r = cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv, seq, d) -> (batch, kv * n_rep, seq, d), each head repeated n_rep times."""
-    if n_rep == 1:
-        return x
-    b, kv, s, d = x.shape
-    return x[:, :, None].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return out, weights
-
-
-class KVConvertAttention(nn.Module):
-    """Attention with this layer's own KV head count and, optionally, projected rotated keys."""
+class LayerConfig:
+    """One layer's view of the config: its own KV head count (an int, as the stock modules
+    read it); everything else is the model's config, read live (so a later switch of the
+    attention implementation is seen)."""
 
     def __init__(self, config: KVConvertConfig, layer_idx: int) -> None:
-        super().__init__()
+        self._config = config
+        self.num_key_value_heads = config.num_key_value_heads[layer_idx]
+        self.attention_bias = False  # each projection's bias is set from config.{q,k,v,o}_bias
+
+    def __getattr__(self, name: str):
+        return getattr(self._config, name)
+
+
+class KVConvertAttention(LlamaAttention):
+    """The stock Llama attention with this layer's own KV head count, the source's biases and,
+    optionally, projected rotated keys (the forward differs only there, and in passing the
+    layer's sliding window on)."""
+
+    def __init__(self, config: KVConvertConfig, layer_idx: int) -> None:
+        super().__init__(LayerConfig(config, layer_idx), layer_idx)
         self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = d = config.head_dim
-        self.num_heads = h = config.num_attention_heads
+        d, h = self.head_dim, config.num_attention_heads
         self.num_kv_heads = g = config.num_key_value_heads[layer_idx]
         self.num_key_heads = config.key_projection_heads[layer_idx] or g  # heads from k_proj
-        self.num_key_value_groups = h // g
-        self.scaling = d**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
         self.sliding_window = (
             config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         )
@@ -176,12 +107,13 @@ class KVConvertAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        past_key_values = pick_cache(past_key_values, kwargs)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if self.projected:
             b, _, s, d = k.shape
             grouped = (
@@ -211,34 +143,13 @@ class KVConvertAttention(nn.Module):
         return self.o_proj(out), weights
 
 
-class KVConvertDecoderLayer(nn.Module):
+class KVConvertDecoderLayer(LlamaDecoderLayer):
+    """The stock Llama decoder layer (norms, gated MLP, residuals) with this layer's attention."""
+
     def __init__(self, config: KVConvertConfig, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(LayerConfig(config, layer_idx), layer_idx)
         self.attention_type = config.layer_types[layer_idx]
         self.self_attn = KVConvertAttention(config, layer_idx)
-        self.mlp = KVConvertMLP(config)
-        self.input_layernorm = KVConvertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = KVConvertRMSNorm(
-            config.hidden_size, eps=config.rms_norm_eps
-        )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        attn, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
-        hidden_states = hidden_states + attn
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class KVConvertPreTrainedModel(PreTrainedModel):
@@ -246,7 +157,7 @@ class KVConvertPreTrainedModel(PreTrainedModel):
     config: KVConvertConfig
     base_model_prefix = "model"
     _no_split_modules = ["KVConvertDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -274,8 +185,8 @@ class KVConvertModel(KVConvertPreTrainedModel):
         self.layers = nn.ModuleList(
             [KVConvertDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         )
-        self.norm = KVConvertRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = KVConvertRotaryEmbedding(config)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -294,6 +205,7 @@ class KVConvertModel(KVConvertPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = pick_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -310,8 +222,8 @@ class KVConvertModel(KVConvertPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_ARG: past_key_values},
         )
         masks = {"full_attention": create_causal_mask(**mask_args)}
         if "sliding_attention" in self.config.layer_types:
@@ -322,14 +234,14 @@ class KVConvertModel(KVConvertPreTrainedModel):
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks[layer.attention_type],
-                past_key_values=past_key_values,
+                **{CACHE_ARG: past_key_values},
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 **kwargs,
             )
         return BaseModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
@@ -367,6 +279,7 @@ class KVConvertForCausalLM(KVConvertPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = pick_cache(past_key_values, kwargs)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -384,7 +297,9 @@ class KVConvertForCausalLM(KVConvertPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)}
+        )
 
 
 __all__ = ["KVConvertForCausalLM", "KVConvertModel", "KVConvertPreTrainedModel"]

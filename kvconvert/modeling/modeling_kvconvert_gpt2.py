@@ -64,6 +64,8 @@ class KVConvertGPT2Attention(GPT2Attention):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = kwargs.pop("cache", None)  # the name from transformers 5.24 on
+        past_key_values = past_key_values if cache is None else cache
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q, k, v = self.c_attn(hidden_states).split(self.split_sizes, dim=-1)
         q, k, v = (x.view(shape).transpose(1, 2) for x in (q, k, v))

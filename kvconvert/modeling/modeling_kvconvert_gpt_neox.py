@@ -66,6 +66,8 @@ class KVConvertGPTNeoXAttention(GPTNeoXAttention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = kwargs.pop("cache", None)  # the name from transformers 5.24 on
+        layer_past = layer_past if cache is None else cache
         shape = (*hidden_states.shape[:-1], -1, self.head_size)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)

@@ -58,6 +58,8 @@ class KVConvertOPTAttention(OPTAttention):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = kwargs.pop("cache", None)  # the name from transformers 5.24 on
+        past_key_values = past_key_values if cache is None else cache
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         # as the stock OPT: the query is scaled before the product, the attention call by 1.0
         q = (self.q_proj(hidden_states) * self.scaling).view(shape).transpose(1, 2)

@@ -1,4 +1,4 @@
-"""PoD: proximal tokens over distant tokens, with layer key sharing (Llama-layout decoders).
+"""PoD: proximal tokens over distant tokens, with layer key sharing, on the stock classes.
 
 Each query splits the keys before it into *proximal* ones (the first ``pod_sink`` tokens and
 the ``pod_recent`` tokens just before it) and *distant* ones (all others). Within a block of
@@ -6,24 +6,58 @@ consecutive layers (per KV head, ``config.pod_map``) an upper layer scores proxi
 its own keys and distant tokens with the block bottom's keys, in one softmax; values are always
 its own. So the cache really holds less: a block bottom keeps all its keys, an upper layer
 keeps keys only for the sink and a rolling recent window, every layer keeps all its values.
+The split is relative to each query's position, so prefill and cached decoding agree.
 
-The split is relative to each query's position, so prefill and cached decoding agree. Reads
-top to bottom: cache, rotary, attention, decoder layer, model, causal-LM head. Public
-transformers API only; eager and SDPA attention.
+Every model here is a stock transformers ``*ForCausalLM`` whose attention modules run the
+stock attention forward unchanged (fused qkv, q/k norms, partial rotary, soft-capping, GPT-NeoX's
+parallel residual, OPT's learned positions all stay the stock code's). Only two things differ,
+both in the ``PodCache`` below: ``cache.update`` hands an upper layer of a block its distant
+keys from the block bottom and its proximal keys from its own window, and ``cache.masks``
+gives the matching proximal/distant mask, which the attention passes on in place of the stock
+mask. Public transformers API only; eager and SDPA attention. Reads top to bottom: cache,
+the two mixins, one small pair of classes per architecture.
 """
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.gemma.modeling_gemma import GemmaAttention, GemmaForCausalLM
+from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2ForCausalLM
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXForCausalLM
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM
+from transformers.models.opt.modeling_opt import OPTAttention, OPTForCausalLM
+from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3ForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3ForCausalLM
 
-from .configuration_kvconvert_pod import KVConvertPodConfig
+from .configuration_kvconvert_pod import (
+    KVConvertPodConfig,
+    KVConvertPodGemma2Config,
+    KVConvertPodGemmaConfig,
+    KVConvertPodGPTNeoXConfig,
+    KVConvertPodOPTConfig,
+    KVConvertPodPhi3Config,
+    KVConvertPodQwen3Config,
+    sliding_windows,
+)
+
+# transformers 5.24 renamed the cache output field ``past_key_values`` to ``cache`` (and the
+# argument with it): read the installed name from the public output class, accept both.
+CACHE_FIELD = (
+    "cache"
+    if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+    else "past_key_values"
+)
+
+
+def pick_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache a caller passed, under either name (the new one is removed from kwargs)."""
+    cache = kwargs.pop("cache", None)
+    return cache if cache is not None else past_key_values
 
 
 # --- cache ------------------------------------------------------------------------------------
@@ -143,13 +177,17 @@ class PodCache(Cache):
     layers still hold. ``begin`` is called once per forward, before the layers run.
     """
 
-    def __init__(self, config: KVConvertPodConfig, sliding: list[int | None] | None = None):
-        # ``sliding[i]``: the window of a sliding-window layer that keeps the stock sliding cache
-        # (it never shares keys, so it holds only its window, as the stock cache does)
-        self.windows = sliding or [None] * len(config.pod_map)
+    def __init__(self, config, windows: list[int | None], stock_sliding: bool = True):
+        # ``windows[i]``: layer i's sliding window (None: full attention). With
+        # ``stock_sliding`` a sliding layer keeps the stock sliding cache (it never shares keys,
+        # so it holds only its window, as the stock cache does); without, it is a PoD layer
+        # like the others and its window lives in its mask only.
+        self.windows = windows
         layers = [
-            PodCacheLayer(config.pod_map, i) if w is None else DynamicSlidingWindowLayer(w)
-            for i, w in enumerate(self.windows)
+            DynamicSlidingWindowLayer(w)
+            if w is not None and stock_sliding
+            else PodCacheLayer(config.pod_map, i)
+            for i, w in enumerate(windows)
         ]
         super().__init__(layers=layers)
         self.sink, self.recent = config.pod_sink, config.pod_recent
@@ -258,7 +296,7 @@ class PodCache(Cache):
 
 
 def pod_cache(
-    cache: Cache | None, config: KVConvertPodConfig, sliding: list[int | None] | None = None
+    cache: Cache | None, config, windows: list[int | None], stock_sliding: bool = True
 ) -> PodCache:
     """The PodCache to run with: the caller's, or a new one in place of none or of an empty
     stock cache (e.g. the DynamicCache that ``generate()`` makes); a filled one is refused."""
@@ -266,7 +304,7 @@ def pod_cache(
         return cache
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError(f"PoD models need a PodCache, got a filled {type(cache).__name__}")
-    return PodCache(config, sliding)
+    return PodCache(config, windows, stock_sliding)
 
 
 def pod_masks(
@@ -296,289 +334,214 @@ def pod_masks(
     return full[:, None], split[:, None]
 
 
-# --- layers -----------------------------------------------------------------------------------
-class PodRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
+# --- attention and model mixins -------------------------------------------------------------
+class PodAttentionMixin:
+    """The stock attention, reading its keys and mask from a ``PodCache``.
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+    The stock forward calls ``past_key_values.update`` (which returns the PoD keys and values)
+    and passes ``attention_mask`` to the attention function: that mask is replaced here by the
+    layer's PoD mask (additive for eager attention, boolean for SDPA). ``pod_cache_kwarg`` is
+    the keyword the stock decoder layer passes the cache under where it is neither ``cache``
+    (transformers >= 5.24) nor ``past_key_values`` (before).
+    """
 
+    pod_cache_kwarg = "past_key_values"
 
-class PodRotaryEmbedding(nn.Module):
-    def __init__(self, config: KVConvertPodConfig):
-        super().__init__()
-        self.max_seq_len_cached = config.max_position_embeddings
-        self.original_max_seq_len = config.max_position_embeddings
-        self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
-        init_fn = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = init_fn(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-
-    @staticmethod
-    def compute_default_rope_parameters(config: KVConvertPodConfig, **kwargs):
-        base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        return inv_freq, 1.0
-
-    @torch.no_grad()
-    @dynamic_rope_update
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+    def forward(self, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get(self.pod_cache_kwarg))
+        if isinstance(cache, PodCache):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            mask = cache.masks(self.layer_idx, hidden.shape[1])
+            if self.config._attn_implementation == "eager":
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(hidden.dtype).min
+                )
+            kwargs["attention_mask"] = mask
+        return super().forward(*args, **kwargs)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+class PodCausalLMMixin:
+    """The stock causal LM with PoD attention; its forward creates and drives the PodCache.
 
+    ``pod_attention`` = (stock attention class, its PoD subclass). The subclass adds behaviour
+    only (no parameters), so each stock attention module's class is switched in place after the
+    stock ``__init__``: the module tree and the checkpoint's weight names stay the stock ones.
+    """
 
-def apply_rotary_pos_emb(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
-
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    batch, heads, slen, dim = hidden_states.shape
-    if n_rep == 1:
-        return hidden_states
-    hidden_states = hidden_states[:, :, None].expand(batch, heads, n_rep, slen, dim)
-    return hidden_states.reshape(batch, heads * n_rep, slen, dim)
-
-
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **_):
-    """Softmax attention with a boolean mask (True = attend)."""
-    key, value = (
-        repeat_kv(key, module.num_key_value_groups),
-        repeat_kv(value, module.num_key_value_groups),
-    )
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-class PodAttention(nn.Module):
-    """Attention whose borrowing heads read distant tokens through the block bottom's keys."""
-
-    def __init__(self, config: KVConvertPodConfig, layer_idx: int):
-        super().__init__()
-        self.config, self.layer_idx = config, layer_idx
-        self.head_dim = config.head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        h, kv, d = config.num_attention_heads, config.num_key_value_heads, self.head_dim
-        qkv_bias = config.attention_qkv_bias
-        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv * d, bias=qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv * d, bias=qkv_bias)
-        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=config.attention_out_bias)
-
-    def forward(self, hidden_states, position_embeddings, masks, cache: PodCache, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-
-        keys, values = cache.update(key, value, self.layer_idx)
-        full_mask, split_mask = masks
-        mask = split_mask if cache.layers[self.layer_idx].shares else full_mask
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention(
-            self,
-            query,
-            keys,
-            values,
-            mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            is_causal=False,
-        )
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
-
-
-class PodMLP(nn.Module):
-    def __init__(self, config: KVConvertPodConfig):
-        super().__init__()
-        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class PodDecoderLayer(nn.Module):
-    def __init__(self, config: KVConvertPodConfig, layer_idx: int):
-        super().__init__()
-        self.self_attn = PodAttention(config, layer_idx)
-        self.mlp = PodMLP(config)
-        self.input_layernorm = PodRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = PodRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, hidden_states, position_embeddings, masks, cache, **kwargs):
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, masks, cache, **kwargs
-        )
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-# --- model ------------------------------------------------------------------------------------
-class KVConvertPodPreTrainedModel(PreTrainedModel):
-    config_class = KVConvertPodConfig
-    config: KVConvertPodConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = False
-    _no_split_modules = ["PodDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
+    pod_attention: tuple[type, type]
+    #: sliding-window layers keep the stock sliding cache and their own keys (False: they are
+    #: PoD layers whose window is in their mask, as in kvconvert's Llama-layout PoD model)
+    pod_stock_sliding = True
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = False
+    _can_compile_fullgraph = False
 
-
-class KVConvertPodModel(KVConvertPodPreTrainedModel):
-    def __init__(self, config: KVConvertPodConfig):
+    def __init__(self, config):
         super().__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            PodDecoderLayer(config, i) for i in range(config.num_hidden_layers)
-        )
-        self.norm = PodRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = PodRotaryEmbedding(config)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
+        stock, pod = self.pod_attention
+        for module in self.modules():
+            if type(module) is stock:
+                module.__class__ = pod
+        self.pod_windows = sliding_windows(config)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+    ):
+        if self.config._attn_implementation not in ("eager", "sdpa"):
+            raise ValueError("PoD models support eager and sdpa attention only")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("PoD models take a 2D padding attention_mask (batch, tokens)")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        # without use_cache a fresh PodCache lives for this forward only
-        cache = pod_cache(past_key_values, self.config)
-        batch, length = inputs_embeds.shape[:2]
+        past_key_values = pick_cache(past_key_values, kwargs)
+        cache = pod_cache(past_key_values, self.config, self.pod_windows, self.pod_stock_sliding)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, length = ref.shape[:2]
         past = cache.get_seq_length()
         if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
+            position_ids = self.pod_position_ids(attention_mask, past, length, ref.device)
         position_ids = position_ids.expand(batch, -1)
         cache.begin(position_ids, attention_mask)
-        masks = {}
-        windows = [
-            self.config.sliding_window if kind == "sliding_attention" else None
-            for kind in self.config.layer_types
-        ]
-        for w in set(windows):
-            masks[w] = pod_masks(cache, length, w)
-
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for layer, w in zip(self.layers, windows, strict=True):
-            hidden_states = layer(hidden_states, position_embeddings, masks[w], cache, **kwargs)
-        hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=cache if use_cache else None
+        # A prepared 4D mask makes the stock model skip building its own; every PoD attention
+        # replaces it by its layer's mask from the cache.
+        placeholder = cache.masks(self.pod_first_full_layer(), length)
+        out = super().forward(
+            input_ids=input_ids,
+            attention_mask=placeholder,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **{self.pod_cache_arg(): cache},
+            **kwargs,
         )
+        if use_cache is False or (use_cache is None and not self.config.use_cache):
+            out[CACHE_FIELD] = None
+        return out
+
+    def pod_cache_arg(self) -> str:
+        """The keyword the stock forward takes the cache under: ``cache`` from transformers
+        5.24 on, ``past_key_values`` before (read from its signature, once)."""
+        if not hasattr(self, "_pod_cache_arg"):
+            params = inspect.signature(super().forward).parameters
+            self._pod_cache_arg = "cache" if "cache" in params else "past_key_values"
+        return self._pod_cache_arg
+
+    def pod_position_ids(
+        self, attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device
+    ) -> torch.Tensor:
+        """Position ids of new tokens when the caller gives none: the stock model's rule (the
+        cache records them; sink and recent window are counted in positions)."""
+        return torch.arange(past, past + length, device=device)[None]
+
+    def pod_first_full_layer(self) -> int:
+        return next((i for i, w in enumerate(self.pod_windows) if w is None), 0)
 
 
-class KVConvertPodForCausalLM(KVConvertPodPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+class PodLlamaAttention(PodAttentionMixin, LlamaAttention):
+    """Llama-layout attention (llama, mistral, qwen2 sources) on the PodCache."""
+
+
+class KVConvertPodForCausalLM(PodCausalLMMixin, LlamaForCausalLM):
+    """PoD on the stock Llama classes, for llama, mistral and qwen2 sources (their decoders are
+    Llama's: RMSNorm, gated MLP, RoPE). Two things the Llama config cannot say come from
+    ``KVConvertPodConfig``: q/k/v and o biases apart (qwen2 has the first only) and sliding
+    windows (mistral), which here are masks over a PoD cache, so sliding layers may share."""
+
+    config_class = KVConvertPodConfig
+    pod_attention = (LlamaAttention, PodLlamaAttention)
+    pod_stock_sliding = False
 
     def __init__(self, config: KVConvertPodConfig):
         super().__init__(config)
-        self.model = KVConvertPodModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        if config.attention_out_bias != config.attention_bias:
+            for layer in self.model.layers:
+                o = layer.self_attn.o_proj
+                layer.self_attn.o_proj = nn.Linear(
+                    o.in_features, o.out_features, bias=config.attention_out_bias
+                )
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
 
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
+class PodPhi3Attention(PodAttentionMixin, Phi3Attention):
+    """Phi-3 attention (fused qkv_proj, partial rotary) on the PodCache."""
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-        )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size
-            )
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values
-        )
+
+class KVConvertPodPhi3ForCausalLM(PodCausalLMMixin, Phi3ForCausalLM):
+    config_class = KVConvertPodPhi3Config
+    pod_attention = (Phi3Attention, PodPhi3Attention)
+
+
+class PodQwen3Attention(PodAttentionMixin, Qwen3Attention):
+    """Qwen3 attention (per-head q/k RMSNorm before RoPE) on the PodCache."""
+
+
+class KVConvertPodQwen3ForCausalLM(PodCausalLMMixin, Qwen3ForCausalLM):
+    config_class = KVConvertPodQwen3Config
+    pod_attention = (Qwen3Attention, PodQwen3Attention)
+
+
+class PodGemmaAttention(PodAttentionMixin, GemmaAttention):
+    """Gemma attention (head_dim of its own) on the PodCache."""
+
+
+class KVConvertPodGemmaForCausalLM(PodCausalLMMixin, GemmaForCausalLM):
+    config_class = KVConvertPodGemmaConfig
+    pod_attention = (GemmaAttention, PodGemmaAttention)
+
+
+class PodGemma2Attention(PodAttentionMixin, Gemma2Attention):
+    """Gemma 2 attention (query_pre_attn_scalar, logit soft-capping, sliding layers)."""
+
+
+class KVConvertPodGemma2ForCausalLM(PodCausalLMMixin, Gemma2ForCausalLM):
+    config_class = KVConvertPodGemma2Config
+    pod_attention = (Gemma2Attention, PodGemma2Attention)
+
+
+class PodGPTNeoXAttention(PodAttentionMixin, GPTNeoXAttention):
+    """GPT-NeoX attention (fused per-head qkv, partial rotary); its layer passes the cache as
+    ``layer_past``."""
+
+    pod_cache_kwarg = "layer_past"
+
+
+class KVConvertPodGPTNeoXForCausalLM(PodCausalLMMixin, GPTNeoXForCausalLM):
+    config_class = KVConvertPodGPTNeoXConfig
+    pod_attention = (GPTNeoXAttention, PodGPTNeoXAttention)
+
+
+class PodOPTAttention(PodAttentionMixin, OPTAttention):
+    """OPT attention (biases, no RoPE: positions are learned embeddings added to the input)."""
+
+
+class KVConvertPodOPTForCausalLM(PodCausalLMMixin, OPTForCausalLM):
+    config_class = KVConvertPodOPTConfig
+    pod_attention = (OPTAttention, PodOPTAttention)
+
+    def pod_position_ids(
+        self, attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device
+    ) -> torch.Tensor:
+        """OPT's rule: with a padding mask over every token, a token's position is the count of
+        real tokens before it (left padding shifts them); padding gets -1."""
+        if attention_mask is None or attention_mask.shape[1] != past + length:
+            return super().pod_position_ids(attention_mask, past, length, device)
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        return (mask.cumsum(dim=1) * mask - 1)[:, past:]
 
 
 __all__ = [
     "KVConvertPodForCausalLM",
-    "KVConvertPodModel",
-    "KVConvertPodPreTrainedModel",
+    "KVConvertPodGPTNeoXForCausalLM",
+    "KVConvertPodGemma2ForCausalLM",
+    "KVConvertPodGemmaForCausalLM",
+    "KVConvertPodOPTForCausalLM",
+    "KVConvertPodPhi3ForCausalLM",
+    "KVConvertPodQwen3ForCausalLM",
     "PodCache",
     "PodCacheLayer",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import report as report_mod
+
 
 def pod_model_card(report: dict[str, Any], base_model: str | None) -> str:
     from huggingface_hub import ModelCardData
@@ -41,6 +43,8 @@ def pod_model_card(report: dict[str, Any], base_model: str | None) -> str:
         f"- Predicted KV cache saving at {tgt['context']} tokens: {tgt['predicted_kv_saving']:.1%}",
         "",
         "It needs the PoD modeling code shipped in this folder:",
+        "",
+        report_mod.tested_versions(),
         "",
         "```python",
         "from transformers import AutoModelForCausalLM",

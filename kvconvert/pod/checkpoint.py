@@ -13,16 +13,10 @@ from typing import Any
 from ..arch import AttentionAdapter
 
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
+#: one pair of files for every architecture: the PodCache and each stock class with PoD attention
 POD_FILES = ("configuration_kvconvert_pod.py", "modeling_kvconvert_pod.py")
-#: the stock-architecture PoD models import the PodCache from modeling_kvconvert_pod.py
-STOCK_POD_FILES = (
-    *POD_FILES,
-    "configuration_kvconvert_pod_stock.py",
-    "modeling_kvconvert_pod_stock.py",
-)
 AUTO_MAP = {
     "AutoConfig": "configuration_kvconvert_pod.KVConvertPodConfig",
-    "AutoModel": "modeling_kvconvert_pod.KVConvertPodModel",
     "AutoModelForCausalLM": "modeling_kvconvert_pod.KVConvertPodForCausalLM",
 }
 #: source config keys replaced by resolved values (RoPE, windows) or meaningless for PoD.
@@ -49,9 +43,8 @@ def pod_config(
             model_type=f"kvconvert_pod_{source_config['model_type']}",
             architectures=[f"KVConvertPod{stock}ForCausalLM"],
             auto_map={
-                "AutoConfig": f"configuration_kvconvert_pod_stock.KVConvertPod{stock}Config",
-                "AutoModelForCausalLM": f"modeling_kvconvert_pod_stock.KVConvertPod{stock}"
-                "ForCausalLM",
+                "AutoConfig": f"configuration_kvconvert_pod.KVConvertPod{stock}Config",
+                "AutoModelForCausalLM": f"modeling_kvconvert_pod.KVConvertPod{stock}ForCausalLM",
             },
             source_model_type=source_config.get("model_type"),
             pod_sink=int(sink),
@@ -80,9 +73,8 @@ def pod_config(
     return out
 
 
-def copy_modeling_files(dst: Path, adapter: AttentionAdapter | None = None) -> list[str]:
+def copy_modeling_files(dst: Path) -> list[str]:
     """Copy the PoD remote code the output's config names (see :func:`pod_config`)."""
-    files = STOCK_POD_FILES if adapter is not None and adapter.pod_models else POD_FILES
-    for name in files:
+    for name in POD_FILES:
         shutil.copy2(MODELING_DIR / name, dst / name)
-    return list(files)
+    return list(POD_FILES)

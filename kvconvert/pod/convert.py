@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import report as report_mod
+from ..compat import stamp_config
 from ..recipe import Recipe, parse_size
 from ..writer import ShardedWriter, atomic_output, cast_float, copy_side_files, write_json
 from .card import pod_model_card
@@ -41,7 +42,7 @@ def sliding_windows(src: Any) -> list[int | None]:
         return [None] * src.num_layers
     from transformers import AutoConfig
 
-    from ..modeling.configuration_kvconvert_pod_stock import sliding_windows as stock_rule
+    from ..modeling.configuration_kvconvert_pod import sliding_windows as stock_rule
 
     return stock_rule(AutoConfig.from_pretrained(src.folder))
 
@@ -168,9 +169,9 @@ def _pod(
         if out_dtype is not None:
             config["dtype"] = recipe.dtype
             config.pop("torch_dtype", None)
-        write_json(work / "config.json", config)
+        write_json(work / "config.json", stamp_config(config))
         side = copy_side_files(src.folder, work)
-        code = copy_modeling_files(work, src.adapter)
+        code = copy_modeling_files(work)
         final_dtype = out_dtype or src.dtype
         dense = report_mod.kv_bytes_per_token([kv] * L, src.head_dim, final_dtype)
         # what the stock cache holds at ``context`` (a sliding layer: its window only)

@@ -32,7 +32,7 @@ def make_pod(src: Path, dst: Path, pod_map, sink: int = SINK, recent: int = RECE
     adapter = get_adapter(cfg["model_type"])
     conf = pod_config(cfg, src, adapter, names, pod_map, sink, recent)
     (dst / "config.json").write_text(json.dumps(conf))
-    copy_modeling_files(dst, adapter)
+    copy_modeling_files(dst)
     return dst
 
 
