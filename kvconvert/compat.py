@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 #: the transformers versions CI runs the output-loading tests under (``.ci/run``); the oldest
 #: is the lower bound in pyproject.toml
-OLDEST_TRANSFORMERS = "5.20.0"
+OLDEST_TRANSFORMERS = "5.15.0"
 NEWEST_TESTED_TRANSFORMERS = "5.24.0"
 
 #: keyword of the cache in model forwards and mask builders: "cache" or "past_key_values"
