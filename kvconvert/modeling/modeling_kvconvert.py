@@ -19,6 +19,7 @@ because RoPE's position-dependent rotation sits between them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from collections.abc import Callable
@@ -60,18 +61,14 @@ def pick_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
     return cache if cache is not None else past_key_values
 
 
-class LayerConfig:
-    """One layer's view of the config: its own KV head count (an int, as the stock modules
-    read it); everything else is the model's config, read live (so a later switch of the
-    attention implementation is seen)."""
-
-    def __init__(self, config: KVConvertConfig, layer_idx: int) -> None:
-        self._config = config
-        self.num_key_value_heads = config.num_key_value_heads[layer_idx]
-        self.attention_bias = False  # each projection's bias is set from config.{q,k,v,o}_bias
-
-    def __getattr__(self, name: str):
-        return getattr(self._config, name)
+def layer_config(config: KVConvertConfig, layer_idx: int) -> KVConvertConfig:
+    """A copy of the config for building one layer's stock modules: its own KV head count (an
+    int, as they read it), and no bias flag (each projection's bias is set from
+    ``config.{q,k,v,o}_bias`` below)."""
+    layer = copy.copy(config)
+    layer.num_key_value_heads = config.num_key_value_heads[layer_idx]
+    layer.attention_bias = False
+    return layer
 
 
 class KVConvertAttention(LlamaAttention):
@@ -80,7 +77,7 @@ class KVConvertAttention(LlamaAttention):
     layer's sliding window on)."""
 
     def __init__(self, config: KVConvertConfig, layer_idx: int) -> None:
-        super().__init__(LayerConfig(config, layer_idx), layer_idx)
+        super().__init__(layer_config(config, layer_idx), layer_idx)
         self.config = config
         d, h = self.head_dim, config.num_attention_heads
         self.num_kv_heads = g = config.num_key_value_heads[layer_idx]
@@ -147,7 +144,7 @@ class KVConvertDecoderLayer(LlamaDecoderLayer):
     """The stock Llama decoder layer (norms, gated MLP, residuals) with this layer's attention."""
 
     def __init__(self, config: KVConvertConfig, layer_idx: int) -> None:
-        super().__init__(LayerConfig(config, layer_idx), layer_idx)
+        super().__init__(layer_config(config, layer_idx), layer_idx)
         self.attention_type = config.layer_types[layer_idx]
         self.self_attn = KVConvertAttention(config, layer_idx)
 
