@@ -158,3 +158,25 @@ def test_cache_bytes_equal_per_layer_formula(mixed):
     report = json.loads((mixed / "kvconvert.json").read_text())
     assert report["kv_bytes_per_token"]["after"] == per_token
     assert report["target"]["num_key_value_heads"] == [2, 1]
+
+
+@torch.inference_mode()
+def test_copy_and_switch_attention_after_load(mixed):
+    """A loaded model deep-copies and pickles (heal and users copy models), and switching the
+    attention implementation after loading reaches every layer."""
+    import copy
+    import io
+
+    model = load(mixed, trust_remote_code=True, attn_implementation="sdpa")
+    ids = token_ids()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+    torch.save(model, io.BytesIO())
+    model.set_attn_implementation("eager")
+    eager = load(mixed, trust_remote_code=True, attn_implementation="eager")
+    assert all(
+        m.config._attn_implementation == "eager"
+        for m in model.model.modules()
+        if hasattr(m, "config") and hasattr(m, "q_proj")
+    )
+    torch.testing.assert_close(model(input_ids=ids).logits, eager(input_ids=ids).logits)
