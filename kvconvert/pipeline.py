@@ -601,12 +601,13 @@ def write_recipe_and_card(
     (work / "recipe.yaml").write_text(text)
     card = report_mod.model_card(
         report,
-        recipe.model if hub_source else None,
+        report_mod.base_model_id(recipe.model, source, recipe.base_model),
         source_card=report_mod.source_card_metadata(source),
         remote_code="auto_map" in config,
         recipe_yaml=text,
     )
-    (work / "README.md").write_text(card)
+    local = [None if hub_source else recipe.model, recipe.output]
+    (work / "README.md").write_text(report_mod.without_local_paths(card, local))
 
 
 def command_line() -> str:

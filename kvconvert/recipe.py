@@ -8,6 +8,7 @@ YAML recipe file that ``--recipe`` reads back, in its ``recipe.yaml``.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import UnionType
@@ -18,6 +19,8 @@ from .gqa.grouping import GROUPINGS
 from .gqa.solve import METHODS
 
 TARGETS = ("gqa", "pod", "gqa,pod")
+#: a Hub repository id, as a model card's base_model names it
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ROPE_KEYS = ("complex", "real", "project")
 OBJECTIVES = ("output", "plain")
 PIPELINES = ("auto", "sequential", "whole")
@@ -143,6 +146,11 @@ class Recipe:
     dtype: str = option("auto", "Output dtype (auto: keep the source's).", DTYPES)
     max_shard_size: str = option("5GB", "Largest output shard, e.g. 5GB or 500MB.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
+    base_model: str | None = option(
+        None,
+        "Hub id the model card names as base_model (default: the source's Hub id; for a local "
+        "folder, the Hub id its config.json records, if any). A local path is never published.",
+    )
     trust_remote_code: bool = option(
         False, "Allow the source model's own code to run (off by default)."
     )
@@ -229,6 +237,10 @@ class Recipe:
         if self.seq_len < 2:
             raise KVConvertError("seq_len: must be at least 2")
         parse_size(self.max_shard_size)
+        if self.base_model is not None and not HUB_ID.match(self.base_model):
+            raise KVConvertError(
+                f"base_model: {self.base_model!r} is not a Hub id (user/name or org/name)"
+            )
         return self
 
     def _validate_pod(self) -> None:
@@ -244,6 +256,13 @@ class Recipe:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
+        # the similarity is measured on distant tokens: refuse before any model is loaded
+        if self.seq_len <= self.sink + self.recent + 1:
+            raise KVConvertError(
+                f"seq_len: calibration sequences of {self.seq_len} tokens have no "
+                f"distant tokens with sink {self.sink} + recent {self.recent}; use --seq-len "
+                f"above {self.sink + self.recent + 1} or a smaller --recent"
+            )
         if not 0 <= self.threshold <= 1:
             raise KVConvertError(f"threshold: must lie in [0, 1], got {self.threshold}")
         if self.kv_saving is not None and not 0 < self.kv_saving < 0.5:

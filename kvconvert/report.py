@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .compat import NEWEST_TESTED_TRANSFORMERS, OLDEST_TRANSFORMERS
+from .recipe import HUB_ID
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -21,6 +23,35 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "unknown"
     return out
+
+
+def base_model_id(model: str, source: Path, given: str | None = None) -> str | None:
+    """The Hub id a model card names as ``base_model``: ``--base-model``, else the source's Hub
+    id, else the one a local folder's config.json records (``_name_or_path``); never a path."""
+    if given:
+        return given
+    if not Path(model).expanduser().exists():
+        return model
+    try:
+        recorded = json.loads((source / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError):
+        return None
+    local = isinstance(recorded, str) and Path(recorded).expanduser().exists()
+    return recorded if isinstance(recorded, str) and HUB_ID.match(recorded) and not local else None
+
+
+def without_local_paths(text: str, paths: list[str | None]) -> str:
+    """``text`` with every local path in ``paths`` (as typed, expanded and absolute) replaced by
+    its folder name: cards are published, the converting machine's folders are not."""
+    names: dict[str, str] = {}
+    for typed in filter(None, paths):
+        path = Path(typed).expanduser()
+        for form in {typed, typed.rstrip("/"), str(path), str(path.resolve())}:
+            if "/" in form:  # a bare name is already just a name
+                names[form] = path.resolve().name
+    for form in sorted(names, key=len, reverse=True):
+        text = text.replace(form, names[form])
+    return text
 
 
 def kv_bytes_per_token(kv_heads_per_layer: list[int], head_dim: int, dtype: torch.dtype) -> int:

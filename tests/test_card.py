@@ -90,3 +90,40 @@ def test_card_shows_recorded_fidelity_per_layer_heads_and_remote_code():
     assert "4/2 KV heads (from 8)" in card and "8,192 bytes -> 3,072 bytes (62% smaller)" in card
     assert "from_pretrained(repo, trust_remote_code=True)" in card and "auto_map" in card
     assert "license" not in front_matter(card)  # nothing to carry: no licence invented
+
+
+def test_local_source_path_never_published(tiny_models, tmp_path):
+    """A card (GQA and PoD) names a local source by its folder only; base_model comes from
+    --base-model or from the Hub id the folder's config records, never from a path."""
+    src = tmp_path / "private" / "home" / "tiny-src"
+    shutil.copytree(tiny_models["llama"], src)
+    out = tmp_path / "outputs" / "kv2"
+    kvconvert.convert(str(src), str(out), kv_heads=2, method="mean", progress=False)
+    card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card and "tiny-src" in card
+    assert "base_model" not in front_matter(card)
+
+    config = json.loads((src / "config.json").read_text())
+    config["_name_or_path"] = "someorg/tiny-llama"  # saved from a Hub model
+    (src / "config.json").write_text(json.dumps(config))
+    pod = tmp_path / "outputs" / "pod"
+    kvconvert.convert(
+        str(src),
+        str(pod),
+        target="pod",
+        sink=2,
+        recent=8,
+        kv_saving=0.1,
+        seq_len=32,
+        num_samples=4,
+        progress=False,
+    )
+    card = (pod / "README.md").read_text()
+    assert str(tmp_path) not in card and front_matter(card)["base_model"] == "someorg/tiny-llama"
+
+    given = tmp_path / "outputs" / "given"
+    kvconvert.convert(
+        str(src), str(given), kv_heads=2, method="mean", base_model="org/name", progress=False
+    )
+    card = (given / "README.md").read_text()
+    assert str(tmp_path) not in card and front_matter(card)["base_model"] == "org/name"

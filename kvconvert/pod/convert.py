@@ -223,6 +223,9 @@ def _pod(
             before = gqa["kv_bytes_per_token"]["before"]
             rep["kv_bytes"]["at_context"]["original"] = before // L * tokens
         write_json(work / "kvconvert.json", rep)
-        base = recipe.model if not Path(recipe.model).expanduser().exists() else None
-        (work / "README.md").write_text(pod_model_card(rep, base))
+        base = report_mod.base_model_id(recipe.model, src.folder, recipe.base_model)
+        local = Path(recipe.model).expanduser().exists()
+        card = pod_model_card(rep, base)
+        paths = [recipe.model if local else None, recipe.output]
+        (work / "README.md").write_text(report_mod.without_local_paths(card, paths))
     return output

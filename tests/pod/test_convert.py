@@ -102,3 +102,22 @@ def test_gqa_then_pod(tiny_models, tmp_path):
     for name, t in merged.state_dict().items():  # the PoD weights are the merged ones
         assert torch.equal(model.state_dict()[name], t), name
     assert "merged first: 4 -> 2" in (out / "README.md").read_text()
+
+
+def test_calibration_too_short_refused_before_loading(tiny_models, tmp_path, monkeypatch):
+    """--target pod with its default recent window (4080) and the default calibration length
+    (256) is refused before any model is loaded, naming the options to change."""
+    import transformers
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    for target, extra in (("pod", {}), ("gqa,pod", {"kv_heads": 2})):
+        with pytest.raises(
+            kvconvert.KVConvertError, match="use --seq-len above 4097 or a smaller --recent"
+        ):
+            kvconvert.convert(
+                str(tiny_models["llama"]), str(tmp_path / "o"), target=target, **extra
+            )
+    assert not (tmp_path / "o").exists()
