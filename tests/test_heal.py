@@ -66,6 +66,25 @@ def test_kl_drops_and_format_is_kept(converted, tmp_path):
     assert not state_folder(out).exists()
 
 
+def test_short_heal_samples_only_what_it_trains_on(converted, tmp_path, monkeypatch):
+    """3 steps of 4 sequences read 12: the default 2048 are not sampled (a short heal stays
+    short); the held-out sequences are still made."""
+    calls = []
+    import kvconvert.heal.run as run_mod
+
+    real = run_mod.sample_from_model
+
+    def counting(model, bos, n, *args, **kwargs):
+        calls.append(n)
+        return real(model, bos, n, *args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "sample_from_model", counting)
+    out = heal(_opts(converted, tmp_path / "h", steps=3, num_samples=2048), progress=False)
+    assert calls == [3 * 4 + 4]
+    (run,) = json.loads((out / "kvconvert.json").read_text())["heal"]
+    assert run["data"]["sequences"] == 12 and run["data"]["eval_sequences"] == 4
+
+
 def test_lora_merged_output_equals_in_memory_model(converted, tmp_path):
     ids = token_ids(2, 24, seed=3)
     seen = {}

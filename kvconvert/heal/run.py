@@ -243,9 +243,16 @@ class HealRun:
         cut = tokens.shape[0] - self.opts.eval_samples
         self.tokens, self.eval_tokens = tokens[:cut], tokens[cut:]
 
+    def training_sequences(self) -> int:
+        """Training sequences to make: ``--num-samples``, or fewer when the run reads fewer
+        (every micro-batch of every step on every rank), so a short heal samples only what it
+        trains on (docs/heal.md)."""
+        o = self.opts
+        return min(o.num_samples, o.steps * o.grad_accum * self.world * o.batch_size)
+
     def _make_tokens(self) -> torch.Tensor:
         o = self.opts
-        n = o.num_samples + o.eval_samples
+        n = self.training_sequences() + o.eval_samples
         if o.calibration == "self":
             bos = bos_token_id(self.original, read_config(self.original), None)
             with tqdm(
