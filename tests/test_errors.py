@@ -151,7 +151,11 @@ def test_default_command_and_explicit_convert_agree(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args", [["--target", "pod"], ["--kv-heads", "2", "--rope-keys", "project"]]
+    "args",
+    [
+        ["--target", "pod", "--sink", "2", "--recent", "8"],
+        ["--kv-heads", "2", "--rope-keys", "project"],
+    ],
 )
 def test_whole_model_paths_refuse_torchrun(tiny_models, tmp_path, monkeypatch, args):
     """Only the layer-sequential engine is distributed: anything else under torchrun would
