@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .compat import output_cache
 from .errors import KVConvertError
-from .evaluate import cache_bytes
+from .evaluate import kv_cache_bytes
+from .modeling.configuration_kvconvert_pod import sliding_windows as stock_windows
 from .report import DTYPE_BYTES
 
 #: logits closer than this to the top one count as a tie (either token is a correct argmax)
@@ -312,18 +312,6 @@ def _check_generate(
 
 
 # --- cache bytes vs the report ----------------------------------------------------------------
-
-
-@torch.inference_mode()
-def measure_cache_bytes(model: Any, ids: torch.Tensor) -> int:
-    """Bytes held by the real cache object after a prefill of ``ids`` (see docs/evaluation.md)."""
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    cache = output_cache(out)
-    if cache is None:
-        raise KVConvertError("cache: a forward with use_cache=True returned no cache")
-    return cache_bytes(cache)
-
-
 def _check_bytes(
     res: CheckResult,
     model: Any,
@@ -331,7 +319,7 @@ def _check_bytes(
     report: dict[str, Any] | None,
     prompt: torch.Tensor,
 ) -> None:
-    res.bytes = measure_cache_bytes(model, prompt)
+    res.bytes = kv_cache_bytes(model, prompt)
     if report is None:
         res.bytes_not_compared = "no kvconvert.json conversion report in the folder"
         return
@@ -388,18 +376,8 @@ def _dtype_scale(name: Any, size: int) -> float | None:
 
 
 def sliding_windows(config: Any) -> list[int | None]:
-    """Per layer, the sliding window its cache applies (None: full): ``layer_types`` when the
-    config has them, else ``sliding_window`` set means every layer slides (transformers' rule,
-    and the PoD stock models')."""
-    cfg = config.get_text_config()
-    layers = int(cfg.num_hidden_layers)
-    window = getattr(cfg, "sliding_window", None)
-    kinds = getattr(cfg, "layer_types", None)
-    if not isinstance(window, int):
-        return [None] * layers
-    if kinds:
-        return [window if k == "sliding_attention" else None for k in kinds]
-    return [window] * layers
+    """Per layer, the sliding window its cache applies (None: full), by the stock rule."""
+    return stock_windows(config.get_text_config())
 
 
 def _pod_expected(

@@ -201,7 +201,10 @@ def cache_bytes(cache: Any) -> int:
 def kv_cache_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     """Bytes held by the real cache object after a prefill of ``input_ids``."""
     out = model(input_ids=input_ids.to(model_device(model)), use_cache=True)
-    return cache_bytes(output_cache(out))
+    cache = output_cache(out)
+    if cache is None:
+        raise KVConvertError("cache: a forward with use_cache=True returned no cache")
+    return cache_bytes(cache)
 
 
 def _sync(device: torch.device) -> None:

@@ -589,9 +589,12 @@ def write_recipe_and_card(
     """``recipe.yaml`` (the effective recipe, re-runnable with --recipe) and ``README.md``."""
     from .recipe import recipe_to_yaml
 
-    hub_source = not Path(recipe.model).expanduser().exists()
     pinned = recipe
-    if hub_source and recipe.revision is None and source.parent.name == "snapshots":
+    if (
+        not report_mod.local_source(recipe)
+        and recipe.revision is None
+        and source.parent.name == "snapshots"
+    ):
         pinned = replace(recipe, revision=source.name)  # the exact Hub commit converted
     header = (
         f"kvconvert recipe: {report['command']}\n"
@@ -601,13 +604,12 @@ def write_recipe_and_card(
     (work / "recipe.yaml").write_text(text)
     card = report_mod.model_card(
         report,
-        report_mod.base_model_id(recipe.model, source, recipe.base_model),
+        report_mod.base_model_id(recipe, config),  # the source's keys, _name_or_path included
         source_card=report_mod.source_card_metadata(source),
         remote_code="auto_map" in config,
         recipe_yaml=text,
     )
-    local = [None if hub_source else recipe.model, recipe.output]
-    (work / "README.md").write_text(report_mod.without_local_paths(card, local))
+    (work / "README.md").write_text(report_mod.without_local_paths(card, recipe))
 
 
 def command_line() -> str:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .compat import NEWEST_TESTED_TRANSFORMERS, OLDEST_TRANSFORMERS
-from .recipe import HUB_ID
+from .recipe import HUB_ID, Recipe
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -25,26 +24,32 @@ def versions() -> dict[str, str]:
     return out
 
 
-def base_model_id(model: str, source: Path, given: str | None = None) -> str | None:
+def local_source(recipe: Recipe) -> bool:
+    """Whether the source is a folder on this machine (else a Hub id)."""
+    return Path(recipe.model).expanduser().exists()
+
+
+def base_model_id(recipe: Recipe, source_config: dict[str, Any]) -> str | None:
     """The Hub id a model card names as ``base_model``: ``--base-model``, else the source's Hub
     id, else the one a local folder's config.json records (``_name_or_path``); never a path."""
-    if given:
-        return given
-    if not Path(model).expanduser().exists():
-        return model
-    try:
-        recorded = json.loads((source / "config.json").read_text()).get("_name_or_path")
-    except (OSError, ValueError):
+    if recipe.base_model:
+        return recipe.base_model
+    if not local_source(recipe):
+        return recipe.model
+    recorded = source_config.get("_name_or_path")
+    if not isinstance(recorded, str) or not HUB_ID.match(recorded):
         return None
-    local = isinstance(recorded, str) and Path(recorded).expanduser().exists()
-    return recorded if isinstance(recorded, str) and HUB_ID.match(recorded) and not local else None
+    return None if Path(recorded).expanduser().exists() else recorded
 
 
-def without_local_paths(text: str, paths: list[str | None]) -> str:
-    """``text`` with every local path in ``paths`` (as typed, expanded and absolute) replaced by
-    its folder name: cards are published, the converting machine's folders are not."""
+def without_local_paths(text: str, recipe: Recipe) -> str:
+    """``text`` with the local source and output paths (as typed, expanded and absolute)
+    replaced by their folder names: cards are published, the converting machine's folders
+    are not."""
     names: dict[str, str] = {}
-    for typed in filter(None, paths):
+    for typed in (recipe.model if local_source(recipe) else None, recipe.output):
+        if not typed:
+            continue
         path = Path(typed).expanduser()
         for form in {typed, typed.rstrip("/"), str(path), str(path.resolve())}:
             if "/" in form:  # a bare name is already just a name

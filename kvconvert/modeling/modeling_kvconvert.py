@@ -63,11 +63,11 @@ def pick_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
 
 def layer_config(config: KVConvertConfig, layer_idx: int) -> KVConvertConfig:
     """A copy of the config for building one layer's stock modules: its own KV head count (an
-    int, as they read it), and no bias flag (each projection's bias is set from
-    ``config.{q,k,v,o}_bias`` below)."""
+    int, as they read it); the stock attention gives all four projections q_proj's bias flag
+    (the others are rebuilt where theirs differs)."""
     layer = copy.copy(config)
     layer.num_key_value_heads = config.num_key_value_heads[layer_idx]
-    layer.attention_bias = False
+    layer.attention_bias = config.q_bias
     return layer
 
 
@@ -86,10 +86,15 @@ class KVConvertAttention(LlamaAttention):
             config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         )
         hid = config.hidden_size
-        self.q_proj = nn.Linear(hid, h * d, bias=config.q_bias)
-        self.k_proj = nn.Linear(hid, self.num_key_heads * d, bias=config.k_bias)
-        self.v_proj = nn.Linear(hid, g * d, bias=config.v_bias)
-        self.o_proj = nn.Linear(h * d, hid, bias=config.o_bias)
+        wanted = {  # (in, out, bias); the stock init built (in, out) with q_proj's bias flag
+            "k_proj": (hid, self.num_key_heads * d, config.k_bias),
+            "v_proj": (hid, g * d, config.v_bias),
+            "o_proj": (h * d, hid, config.o_bias),
+        }
+        for name, (i, o, bias) in wanted.items():
+            old = getattr(self, name)
+            if (old.in_features, old.out_features, old.bias is not None) != (i, o, bias):
+                setattr(self, name, nn.Linear(i, o, bias=bias))
         self.projected = bool(config.key_projection_heads[layer_idx])
         if self.projected:
             t = self.num_key_heads // g

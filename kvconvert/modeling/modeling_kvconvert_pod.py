@@ -45,8 +45,14 @@ from .configuration_kvconvert_pod import (
     sliding_windows,
 )
 
-# transformers 5.24 renamed the cache output field ``past_key_values`` to ``cache`` (and the
-# argument with it): read the installed name from the public output class, accept both.
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
+# ``cache`` (in every stock class at once): read the installed names from the public
+# signatures, accept both from callers, pass on the one the stock classes take.
+CACHE_ARG = (
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)
 CACHE_FIELD = (
     "cache"
     if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
@@ -417,20 +423,12 @@ class PodCausalLMMixin:
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            **{self.pod_cache_arg(): cache},
+            **{CACHE_ARG: cache},
             **kwargs,
         )
         if use_cache is False or (use_cache is None and not self.config.use_cache):
             out[CACHE_FIELD] = None
         return out
-
-    def pod_cache_arg(self) -> str:
-        """The keyword the stock forward takes the cache under: ``cache`` from transformers
-        5.24 on, ``past_key_values`` before (read from its signature, once)."""
-        if not hasattr(self, "_pod_cache_arg"):
-            params = inspect.signature(super().forward).parameters
-            self._pod_cache_arg = "cache" if "cache" in params else "past_key_values"
-        return self._pod_cache_arg
 
     def pod_position_ids(
         self, attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device

@@ -223,9 +223,6 @@ def _pod(
             before = gqa["kv_bytes_per_token"]["before"]
             rep["kv_bytes"]["at_context"]["original"] = before // L * tokens
         write_json(work / "kvconvert.json", rep)
-        base = report_mod.base_model_id(recipe.model, src.folder, recipe.base_model)
-        local = Path(recipe.model).expanduser().exists()
-        card = pod_model_card(rep, base)
-        paths = [recipe.model if local else None, recipe.output]
-        (work / "README.md").write_text(report_mod.without_local_paths(card, paths))
+        card = pod_model_card(rep, report_mod.base_model_id(recipe, src.config))
+        (work / "README.md").write_text(report_mod.without_local_paths(card, recipe))
     return output
