@@ -18,8 +18,8 @@ import torch
 
 import kvconvert
 from kvconvert.evaluate import kl_per_token, kv_cache_bytes
-from tests.arch.models import ARCHS, REMOTE_ARCHS, build
 from tests.conftest import FAST, load, token_ids
+from tests.models import ARCHS, REMOTE_ARCHS, build
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def child_convert(a: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM  # noqa: F401
 
     import kvconvert
-    import kvconvert.sequential  # noqa: F401
+    import kvconvert.pipeline  # noqa: F401
 
     rss0, t0 = peak_rss(), time.perf_counter()
     kvconvert.convert(

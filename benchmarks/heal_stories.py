@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from yardstick import Yardstick
 
 import kvconvert
-from kvconvert.calibration.data import sample_from_model
-from kvconvert.evaluate import kl_per_token
 from kvconvert.heal import HealOptions, heal
 
 
@@ -46,8 +44,7 @@ def main() -> None:
     for kv in args.set:
         k, v = kv.split("=", 1)
         extra[k] = (v.lower() in ("1", "true")) if types[k] is bool else types[k](v)
-    orig = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    evals = sample_from_model(orig, 1, 16, 256, 16, seed=1234)
+    ys = Yardstick(args.model)
     print(f"heal options: {extra or 'defaults'}; torch threads {torch.get_num_threads()}")
     print("| init | steps | KL before | KL after | heal wall s |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +53,7 @@ def main() -> None:
             kvconvert.convert(
                 args.model, str(conv), kv_heads=args.kv_heads, method=init, progress=False
             )
-            before = kl_per_token(orig, AutoModelForCausalLM.from_pretrained(conv).eval(), evals)
+            before = ys.kl(conv)
             for steps in args.steps:
                 out = Path(tmp) / f"healed-{init}-{steps}"
                 t0 = time.perf_counter()
@@ -65,8 +62,7 @@ def main() -> None:
                 )
                 heal(opts, progress=False)
                 dt = time.perf_counter() - t0
-                healed = AutoModelForCausalLM.from_pretrained(out).eval()
-                after = kl_per_token(orig, healed, evals)
+                after = ys.kl(out)
                 rep = json.loads((out / "kvconvert.json").read_text())["heal"][-1]
                 print(
                     f"| {init} | {steps} | {before:.3f} | {after:.3f} | {dt:.0f} |"

@@ -21,8 +21,8 @@ import torch
 
 import kvconvert
 from kvconvert.evaluate import kv_cache_bytes
-from tests.arch.models import ARCHS, POD_MHA_ARCHS, build, gemma2_4layer
 from tests.conftest import load, token_ids
+from tests.models import ARCHS, POD_MHA_ARCHS, build, gemma2_4layer
 from tests.pod.test_modeling import decode_logits
 
 POD = {"sink": 2, "recent": 4, "seq_len": 32, "num_samples": 4, "progress": False}

@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from yardstick import Yardstick, load
 
 import kvconvert
-from kvconvert.calibration.data import sample_from_model
-from kvconvert.evaluate import kl_per_token, kv_cache_bytes
+from kvconvert.evaluate import kv_cache_bytes
 
 
 @torch.inference_mode()
@@ -39,8 +38,8 @@ def decode_seconds(model, prompt: torch.Tensor, new: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(orig, folder: Path, evals: torch.Tensor, args) -> dict:
-    pod = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+def measure(ys: Yardstick, folder: Path, args) -> dict:
+    orig, evals, pod = ys.original, ys.tokens, load(folder)
     dense_bytes = kv_cache_bytes(orig, evals[:1])
     pod_bytes = kv_cache_bytes(pod, evals[:1])
     prompt = evals[: args.batch, : args.prompt]
@@ -53,7 +52,7 @@ def measure(orig, folder: Path, evals: torch.Tensor, args) -> dict:
     return {
         "measured_saving": 1 - pod_bytes / dense_bytes,
         "cache_bytes": [dense_bytes, pod_bytes],
-        "kl": kl_per_token(orig, pod, evals),
+        "kl": ys.kl(pod),
         "tok_s_orig": tok["orig"],
         "tok_s_pod": tok["pod"],
     }
@@ -75,8 +74,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    orig = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    evals = sample_from_model(orig, 1, args.eval_samples, args.seq_len, 8, seed=1234)
+    ys = Yardstick(args.model, args.eval_samples, args.seq_len, batch_size=8)
+    orig = ys.original
     common = dict(sink=args.sink, recent=args.recent, seq_len=args.seq_len, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
@@ -109,7 +108,7 @@ def main() -> None:
         for i, (name, opts) in enumerate(runs.items()):
             out = kvconvert.convert(args.model, str(Path(tmp) / f"out{i}"), **common, **opts)
             rep = json.loads((out / "kvconvert.json").read_text())
-            m = measure(orig, out, evals, args)
+            m = measure(ys, out, args)
             print(
                 f"| {name} | {rep['target']['blocks']} | "
                 f"{rep['target']['predicted_kv_saving']:.2%} | {m['measured_saving']:.2%} | "

@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from yardstick import Yardstick
 
 import kvconvert
-from kvconvert.calibration.data import sample_from_model
-from kvconvert.evaluate import kl_per_token
 
 
 def main() -> None:
@@ -28,8 +26,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
-    orig = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    evals = sample_from_model(orig, 1, 16, args.seq_len, 16, seed=1234)
+    ys = Yardstick(args.model, seq_len=args.seq_len)
     print("| KV heads | method | --propagate | KL nats/token | convert s |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for g in args.kv_heads:
@@ -48,8 +45,7 @@ def main() -> None:
                         progress=False,
                     )
                     dt = time.perf_counter() - t0
-                    conv = AutoModelForCausalLM.from_pretrained(out).eval()
-                    kl = kl_per_token(orig, conv, evals)
+                    kl = ys.kl(out)
                     print(f"| {g} | {method} | {prop} | {kl:.4f} | {dt:.1f} |", flush=True)
 
 

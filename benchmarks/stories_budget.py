@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from yardstick import Yardstick
 
 import kvconvert
-from kvconvert.calibration.data import sample_from_model
-from kvconvert.evaluate import kl_per_token
 
 VARIANTS = [
     ("complex, uniform 4 -> 2", {"kv_heads": 2}),
@@ -40,8 +38,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
-    orig = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    evals = sample_from_model(orig, 1, 16, args.seq_len, 16, seed=1234)
+    ys = Yardstick(args.model, seq_len=args.seq_len)
     print("| variant | KV heads per layer | KV bytes/token | KL nats/token | convert s |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,8 +57,7 @@ def main() -> None:
             rep = json.loads((out / "kvconvert.json").read_text())
             heads = rep["target"]["num_key_value_heads"]
             heads = heads if isinstance(heads, list) else [heads] * rep["source"]["num_layers"]
-            conv = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-            kl = kl_per_token(orig, conv, evals)
+            kl = ys.kl(out)
             kvb = rep["kv_bytes_per_token"]["after"]
             print(f"| {label} | {heads} | {kvb} | {kl:.3f} | {dt:.1f} |")
             if "budget" in rep["target"]:

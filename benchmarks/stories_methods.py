@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from yardstick import Yardstick
 
 import kvconvert
-from kvconvert.calibration.data import sample_from_model
-from kvconvert.evaluate import kl_per_token
 
 VARIANTS = [
     ("mean", {"method": "mean"}),
@@ -36,8 +34,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
-    orig = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    evals = sample_from_model(orig, 1, 16, args.seq_len, 16, seed=1234)
+    ys = Yardstick(args.model, seq_len=args.seq_len)
     print("| KV heads | method | KL nats/token | convert s |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for g in args.kv_heads:
@@ -54,8 +51,7 @@ def main() -> None:
                     **opts,
                 )
                 dt = time.perf_counter() - t0
-                conv = AutoModelForCausalLM.from_pretrained(out).eval()
-                print(f"| {g} | {label} | {kl_per_token(orig, conv, evals):.3f} | {dt:.1f} |")
+                print(f"| {g} | {label} | {ys.kl(out):.3f} | {dt:.1f} |")
 
 
 if __name__ == "__main__":

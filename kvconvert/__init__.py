@@ -16,9 +16,9 @@ from typing import Any
 
 from .errors import KVConvertError
 from .recipe import Recipe
+from .version import __version__
 
-__all__ = ["KVConvertError", "Recipe", "convert", "inspect_model", "push"]
-__version__ = "0.1.0"
+__all__ = ["KVConvertError", "Recipe", "__version__", "convert", "inspect_model", "push"]
 
 
 def convert(
@@ -50,13 +50,13 @@ def convert(
 
 def push(folder: str | Path, repo_id: str, **kwargs: Any) -> str:
     """Upload a finished output folder to the Hub; see :func:`kvconvert.hub.push`."""
-    from .hub import push as _push
+    from .pipeline import push as _push
 
     return _push(folder, repo_id, **kwargs)
 
 
 def inspect_model(model: str, revision: str | None = None) -> dict[str, Any]:
     """What ``kvconvert inspect`` prints, as a dict (config and safetensors headers only)."""
-    from .inspection import inspect_model as _inspect
+    from .pipeline import inspect_model as _inspect
 
     return _inspect(model, revision)

@@ -141,7 +141,7 @@ def _stage(res: CheckResult, what: str, fn: Any) -> None:
 
 # --- loading ----------------------------------------------------------------------------------
 def _device(name: str) -> torch.device:
-    from .pipeline import resolve_device
+    from .loading import resolve_device
 
     try:
         return resolve_device(name)
@@ -214,7 +214,7 @@ def special_ids(folder: Path, config: dict[str, Any], model: Any) -> set[int]:
         for key in SPECIAL_KEYS:
             out.update(_ints(source.get(key)))
     if any((folder / f).is_file() for f in TOKENIZER_FILES):
-        from .pipeline import load_tokenizer
+        from .loading import load_tokenizer
 
         tok = load_tokenizer(folder, "auto_map" in config)
         if tok is not None:

@@ -123,7 +123,7 @@ def convert_cmd(
     if not quiet and not recipe.dry_run:
         click.echo(f"wrote {out}", err=True)
     if push_to_hub:
-        from .hub import push
+        from .pipeline import push
 
         url = _run(
             lambda: push(
@@ -172,7 +172,7 @@ def push_cmd(
     The token comes from HF_TOKEN or `hf auth login`. Re-running after a failure resumes:
     files already on the Hub are not sent again.
     """
-    from .hub import push
+    from .pipeline import push
 
     url = _run(
         lambda: push(
@@ -196,8 +196,7 @@ def heal_cmd(quiet: bool, **options: object) -> None:
     The output keeps CONVERTED's format (files, remote code, tokenizer, card) with the trained
     tensors replaced, and the run appended to kvconvert.json.
     """
-    from .heal import heal
-    from .pipeline import command_line
+    from .pipeline import command_line, heal
 
     opts = HealOptions(**options)  # type: ignore[arg-type]
     out = _run(lambda: heal(opts, progress=not quiet, command=command_line()))
@@ -233,7 +232,8 @@ def inspect_cmd(model: str, revision: str | None, as_json: bool) -> None:
     """
     import json
 
-    from .inspection import format_info, inspect_model
+    from .inspection import format_info
+    from .pipeline import inspect_model
 
     info = _run(lambda: inspect_model(model, revision))
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
@@ -258,8 +258,8 @@ def eval_cmd(
 ) -> None:
     """Compare CONVERTED model(s) with ORIGINAL: KL, perplexity, measured KV bytes, speed,
     retrieval. See docs/evaluation.md for what each number means and the JSON schema."""
-    from .evaluate import evaluate, format_table, require_matplotlib, write_plot
-    from .pipeline import command_line
+    from .evaluate import format_table, require_matplotlib, write_plot
+    from .pipeline import command_line, evaluate
 
     if plot_path:
         _run(require_matplotlib)
@@ -311,7 +311,7 @@ def check_cmd(
     prefill against the conversion report. Prints one line, ok: or FAILED:, and exits 1 on
     failure. See docs/check.md.
     """
-    from .check import check
+    from .pipeline import check
 
     res = _run(
         lambda: check(

@@ -13,7 +13,8 @@ import torch
 
 from .calibration.data import sample_from_model
 from .evaluate import kl_per_token, kv_cache_bytes
-from .pipeline import convert, quiet_libraries
+from .loading import quiet_libraries
+from .pipeline import convert
 from .recipe import Recipe
 
 

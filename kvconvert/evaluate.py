@@ -74,6 +74,12 @@ class EvalSettings:
     trials: int = option(4, "Retrieval prompts per depth.", type=int)
     device: str = option("auto", "Where models run (auto: CUDA if available).", DEVICES)
     dtype: str = option("auto", "Dtype models are loaded in (auto: the checkpoint's).", DTYPES)
+    threads: int | None = option(
+        None,
+        "CPU threads torch uses (default: torch's choice, one per core). On a shared or busy "
+        "machine fewer threads can be much faster; OMP_NUM_THREADS is honoured too.",
+        type=int,
+    )
     trust_remote_code: bool = option(
         False,
         "Allow models' own code to run. kvconvert outputs (kvconvert.json + auto_map) are "
@@ -87,6 +93,8 @@ class EvalSettings:
                 raise KVConvertError(
                     f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(allowed)}"
                 )
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise KVConvertError(f"threads: must be a positive integer, got {self.threads!r}")
         for key in ("num_samples", "seq_len", "batch_size", "context", "new_tokens", "repeats"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
@@ -415,10 +423,11 @@ def evaluate(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Measure ``original`` and each of ``converted``; return the ``--json`` document."""
-    from .pipeline import bos_token_id, load_tokenizer, quiet_libraries, resolve_device
+    from .loading import bos_token_id, load_tokenizer, quiet_libraries, resolve_device, set_threads
     from .report import versions
 
     settings = (settings or EvalSettings()).validate()
+    set_threads(settings.threads)
     if not converted:
         raise KVConvertError("eval needs the original and at least one converted model")
     if not progress:

@@ -98,10 +98,12 @@ class Recipe:
     sink: int = option(
         16, "PoD: the first N tokens of a sequence are always proximal (own keys).", type=int
     )
-    recent: int = option(
-        4080,
+    recent: int | None = option(
+        None,
         "PoD: keys at most N positions before a query are proximal (own keys); older ones "
-        "are distant and read through the block bottom's keys. Upper layers cache sink + N keys.",
+        "are distant and read through the block bottom's keys. Upper layers cache sink + N keys. "
+        "Default: the model's context / 8 - sink (the paper's 4080 at 32K), at most --seq-len / 2 "
+        "- sink so that calibration sees distant tokens; the report says which bound chose it.",
         type=int,
     )
     threshold: float = option(
@@ -144,6 +146,12 @@ class Recipe:
         "auto", "Where calibration and solving run (auto: CUDA if available).", DEVICES
     )
     dtype: str = option("auto", "Output dtype (auto: keep the source's).", DTYPES)
+    threads: int | None = option(
+        None,
+        "CPU threads torch uses (default: torch's choice, one per core). On a shared or busy "
+        "machine fewer threads can be much faster; OMP_NUM_THREADS is honoured too.",
+        type=int,
+    )
     max_shard_size: str = option("5GB", "Largest output shard, e.g. 5GB or 500MB.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
     base_model: str | None = option(
@@ -214,6 +222,8 @@ class Recipe:
                 raise KVConvertError(
                     f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise KVConvertError(f"threads: must be a positive integer, got {self.threads!r}")
         given = [k for k in ("kv_heads", "kv_heads_per_layer", "kv_budget") if getattr(self, k)]
         if self.target == "gqa" and len(given) != 1:
             raise KVConvertError(
@@ -250,6 +260,8 @@ class Recipe:
             )
         for key in ("sink", "recent", "keep_first"):
             v = getattr(self, key)
+            if key == "recent" and v is None:  # chosen from the model's context (pod/target.py)
+                continue
             if not isinstance(v, int) or v < 0:
                 raise KVConvertError(f"{key}: must be an integer >= 0, got {v!r}")
         for key in ("context", "max_block"):
@@ -257,7 +269,7 @@ class Recipe:
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
         # the similarity is measured on distant tokens: refuse before any model is loaded
-        if self.seq_len <= self.sink + self.recent + 1:
+        if self.recent is not None and self.seq_len <= self.sink + self.recent + 1:
             raise KVConvertError(
                 f"seq_len: calibration sequences of {self.seq_len} tokens have no "
                 f"distant tokens with sink {self.sink} + recent {self.recent}; use --seq-len "

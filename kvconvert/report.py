@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .compat import NEWEST_TESTED_TRANSFORMERS, OLDEST_TRANSFORMERS
-from .recipe import HUB_ID, Recipe
+from .recipe import HUB_ID, Recipe, recipe_to_yaml
+
+if TYPE_CHECKING:
+    from .source import Source
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -22,6 +26,50 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "unknown"
     return out
+
+
+def report_header(
+    recipe: Recipe, src: Source, command: str | None, num_kv_heads: int | None = None
+) -> dict[str, Any]:
+    """The first keys of every kvconvert.json: command, recipe, versions, source facts."""
+    return {
+        "kvconvert_report": 1,
+        "command": command or "kvconvert.convert(...)",
+        "recipe": recipe.to_dict(),
+        "versions": versions(),
+        "source": {
+            "model": recipe.model,
+            "revision": recipe.revision,
+            "model_type": src.config.get("model_type"),
+            "num_key_value_heads": num_kv_heads or src.num_kv_heads,
+            "num_attention_heads": src.num_heads,
+            "head_dim": src.head_dim,
+            "num_layers": src.num_layers,
+        },
+    }
+
+
+def write_recipe_and_card(
+    work: Path, recipe: Recipe, report: dict[str, Any], source: Path, config: dict[str, Any]
+) -> None:
+    """``recipe.yaml`` (the effective recipe, re-runnable with --recipe) and ``README.md``."""
+    pinned = recipe
+    if not local_source(recipe) and recipe.revision is None and source.parent.name == "snapshots":
+        pinned = replace(recipe, revision=source.name)  # the exact Hub commit converted
+    header = (
+        f"kvconvert recipe: {report['command']}\n"
+        "Re-run: kvconvert --recipe recipe.yaml -o OUT   (flags given override these values)"
+    )
+    text = recipe_to_yaml(pinned, header=header)
+    (work / "recipe.yaml").write_text(text)
+    card = model_card(
+        report,
+        base_model_id(recipe, config),  # the source's keys, _name_or_path included
+        source_card=source_card_metadata(source),
+        remote_code="auto_map" in config,
+        recipe_yaml=text,
+    )
+    (work / "README.md").write_text(without_local_paths(card, recipe))
 
 
 def local_source(recipe: Recipe) -> bool:

@@ -1,4 +1,4 @@
-"""Model id or folder -> local snapshot; per-tensor reads of its weights.
+"""Model id or folder -> local snapshot; per-tensor reads of its weights; the resolved source.
 
 A Hub id is fetched with ``huggingface_hub.snapshot_download`` limited to the files a
 conversion needs (config, weights, tokenizer, generation config, chat template). Weights are
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .arch import AttentionAdapter, get_adapter
 from .errors import KVConvertError
 
 #: Files fetched from the Hub for a conversion (weights are added below).
@@ -279,3 +280,55 @@ class _BinFile:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self._state[name]
+
+
+class Source:
+    """A resolved model: its folder, raw config, architecture adapter and lazy weights.
+
+    Every target and engine reads the source model through this one object (docs/architecture.md).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        progress: bool = True,
+    ):
+        self.folder = resolve_source(model, revision, trust_remote_code, progress)
+        self.config = read_config(self.folder)
+        self.adapter: AttentionAdapter = get_adapter(self.config.get("model_type"))
+        self.tensors = TensorSource.open(self.folder)
+        c, a = self.config, self.adapter
+        self.num_layers, self.num_heads = a.num_layers(c), a.num_heads(c)
+        self.num_kv_heads, self.head_dim = a.num_kv_heads(c), a.head_dim(c)
+        #: the adapter with tensor names as this checkpoint stores them (module names for
+        #: hooks stay ``adapter``'s): some are saved from the bare base model, e.g. ``h.0.``
+        self.stored = a.for_checkpoint(self.tensors)
+        self.dtype = self.tensors.get(self.stored.tensor_name(0, "k")).dtype
+
+    def attention_items(
+        self, layer: int, read: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """Layer ``layer``'s attention tensors by role (q/k/v/o weights and biases, norms),
+        cut apart by the adapter where the checkpoint fuses them; ``read``: tensors already in
+        memory, by checkpoint name (not read again)."""
+        a, t, read = self.stored, self.tensors, read or {}
+        stored = {
+            role: read[n] if n in read else t.get_optional(n)
+            for role, n in a.layer_tensor_names(layer).items()
+        }
+        return a.split(stored, self.num_heads, self.head_dim)
+
+    def attention_tensor_names(self, layer: int) -> dict[str, str]:
+        """checkpoint name -> stored role (``adapter.join`` of the solved items), for tensors
+        present."""
+        names = self.stored.layer_tensor_names(layer)
+        return {n: role for role, n in names.items() if n in self.tensors}
+
+    def attention_path(self, layer: int) -> str:
+        """Name of the layer's attention module, e.g. model.layers.3.self_attn."""
+        return self.adapter.module_name(layer, "q").rsplit(".", 1)[0]
+
+    def close(self) -> None:
+        self.tensors.close()

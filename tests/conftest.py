@@ -1,8 +1,5 @@
-"""Tiny seeded models of each supported family, built from stock transformers configs.
-
-Nothing is downloaded: each model is created with a fixed seed and saved with
-``save_pretrained`` into a session-scoped temporary folder.
-"""
+"""Shared fixtures: the tiny seeded models of ``tests/models.py`` (built once per session into
+a temporary folder), stories260K when present, and small helpers."""
 
 from __future__ import annotations
 
@@ -15,77 +12,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.models import FAMILIES, build_family
+
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = Path(os.environ.get("KVCONVERT_STORIES260K", ROOT.parent / "shared/models/stories260K"))
-
-
-def _build(kind: str, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    common = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-    )
-    torch.manual_seed({"llama": 0, "mistral": 1, "qwen2": 2}[kind])
-    if kind == "llama":  # multi-head attention: 4 query heads, 4 KV heads, tied embeddings
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                head_dim=16,
-                tie_word_embeddings=True,
-                **common,
-            )
-        )
-    elif kind == "mistral":  # already grouped: 8 query heads over 4 KV heads
-        model = MistralForCausalLM(
-            MistralConfig(
-                num_attention_heads=8,
-                num_key_value_heads=4,
-                head_dim=8,
-                tie_word_embeddings=False,
-                **common,
-            )
-        )
-    else:  # qwen2: q/k/v biases, made non-zero so that dropping them would show
-        model = Qwen2ForCausalLM(
-            Qwen2Config(
-                num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, **common
-            )
-        )
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.5)
-    model.to(dtype).save_pretrained(folder)
-    return folder
-
-
-FAMILIES = ("llama", "mistral", "qwen2")
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {k: _build(k, root / k) for k in FAMILIES}
+    return {k: build_family(k, root / k) for k in FAMILIES}
 
 
 @pytest.fixture(scope="session")
 def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build("mistral", tmp_path_factory.mktemp("bf16") / "mistral-bf16", torch.bfloat16)
+    return build_family("mistral", tmp_path_factory.mktemp("bf16") / "mistral-bf16", torch.bfloat16)
 
 
 @pytest.fixture(scope="session")

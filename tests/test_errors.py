@@ -90,12 +90,13 @@ def test_existing_output_refused_then_overwritten(tiny_models, tmp_path):
 
 
 def test_failure_leaves_no_partial_output(tiny_models, tmp_path, monkeypatch):
+    import kvconvert.gqa.target as gqa_target
     import kvconvert.pipeline as pipeline
 
     def boom(*a, **k):
         raise RuntimeError("simulated crash while writing")
 
-    monkeypatch.setattr(pipeline, "copy_side_files", boom)
+    monkeypatch.setattr(gqa_target, "copy_side_files", boom)
     with pytest.raises(RuntimeError):
         pipeline.convert(
             pipeline.Recipe(

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import kvconvert
-from tests.arch.models import build, gemma2_4layer
-from tests.conftest import FAST, _build, load, token_ids
+from tests.conftest import FAST, load, token_ids
+from tests.models import build, gemma2_4layer
 
 NEW_TOKENS = 48
 EOS = 2  # every tiny source's eos_token_id
@@ -29,7 +29,7 @@ POD = {"sink": SINK, "recent": RECENT, "kv_saving": 0.1, **FAST}
 
 
 def llama(root: Path) -> Path:
-    return _build("llama", root / "src")
+    return build("llama", root / "src")
 
 
 def arch(name: str) -> Callable[[Path], Path]:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kvconvert
-from kvconvert import sequential
+from kvconvert.engines import sequential
 from kvconvert.errors import KVConvertError
 from tests.conftest import FAST, load, logits, tensors, token_ids, torchrun
 

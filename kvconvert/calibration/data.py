@@ -13,12 +13,19 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..compat import cache_kwargs, output_cache
 from ..errors import KVConvertError
+from ..eta import Estimate
+from ..loading import bos_token_id, load_tokenizer
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from ..source import Source
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
@@ -151,6 +158,7 @@ def sample_from_model(
     batch_size: int,
     seed: int,
     progress: Any = None,
+    estimate: Estimate | None = None,
 ) -> torch.Tensor:
     """Sample ``num_samples`` sequences of ``seq_len`` tokens from ``model``, BOS first, T=1.
 
@@ -172,6 +180,8 @@ def sample_from_model(
             probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
             ids = torch.multinomial(probs, 1, generator=gen)
             seq.append(ids)
+            if estimate is not None:
+                estimate.update()
         out.append(torch.cat(seq, dim=1))
         if progress is not None:
             progress.update(bs)
@@ -181,3 +191,33 @@ def sample_from_model(
 def batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, tokens.shape[0], batch_size):
         yield tokens[i : i + batch_size]
+
+
+def calibration_tokens(
+    recipe: Recipe, model: torch.nn.Module | None, src: Source, progress: bool
+) -> torch.Tensor:
+    """Token ids (num_samples x seq_len) from the recipe's calibration source; ``model`` is
+    only used (and only needed) for ``--calibration self``."""
+    if recipe.calibration == "self":
+        if model is None:
+            raise ValueError("--calibration self samples from the model: pass it")
+        bos = bos_token_id(src.folder, src.config, None)
+        n, length, batch = recipe.num_samples, recipe.seq_len, recipe.batch_size
+        steps = -(-n // batch) * (length - 1)
+        eta = Estimate("sampling calibration", steps, "decode steps", enabled=progress)
+        with tqdm(total=n, desc="sampling calibration", unit="seq", disable=not progress) as bar:
+            return sample_from_model(model, bos, n, length, batch, recipe.seed, bar, eta)
+    docs = load_documents(recipe.calibration, recipe.text_field)
+    needs_tok = any(isinstance(d, str) for d in docs)
+    tok = load_tokenizer(src.folder, recipe.trust_remote_code) if needs_tok else None
+    return tokenize_documents(docs, tok, recipe.num_samples, recipe.seq_len, recipe.seed)
+
+
+def calibration_info(recipe: Recipe, tokens: torch.Tensor) -> dict[str, Any]:
+    """kvconvert.json "calibration": where the tokens came from and how many."""
+    return {
+        "source": recipe.calibration,
+        "sequences": int(tokens.shape[0]),
+        "seq_len": int(tokens.shape[1]),
+        "seed": recipe.seed,
+    }

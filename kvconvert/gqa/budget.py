@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import KVConvertError
+from ..eta import Estimate
 
 
 def divisors(n: int) -> list[int]:
@@ -109,12 +110,9 @@ def measure_sensitivities(
     ref = [F.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in chunks]
     full = max(candidates)
     out: list[dict[int, float]] = []
-    bar = tqdm(
-        total=num_layers * (len(candidates) - 1),
-        desc="layer sensitivity",
-        unit="merge",
-        disable=not progress,
-    )
+    merges = num_layers * (len(candidates) - 1)
+    bar = tqdm(total=merges, desc="layer sensitivity", unit="merge", disable=not progress)
+    eta = Estimate("layer sensitivity (--kv-budget)", merges, "merges", enabled=progress)
     for i in range(num_layers):
         sens = {full: 0.0}
         for c in candidates:
@@ -131,6 +129,7 @@ def measure_sensitivities(
                 restore()
             sens[c] = total / max(count, 1)
             bar.update(1)
+            eta.update()
         out.append(sens)
     bar.close()
     return out

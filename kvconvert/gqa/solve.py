@@ -12,7 +12,7 @@ so folding (fold.py) never needs to know which method ran. Methods:
 - ``svd`` / ``svd-weights``: the best rank-d reconstruction under the objective metric,
   from activation second moments (svd) or from the weights' (W W^T, svd-weights).
 
-Keys under RoPE use the per-frequency complex form (shared/notes/methods.md 1.3): each RoPE
+Keys under RoPE use the per-frequency complex form (docs/methods.md, "--rope-keys"): each RoPE
 pair is one complex number, the group is merged by a rank-1 complex PCA per frequency, and
 enc/dec blocks are 2x2 rotation-and-scale matrices, which commute with the rotation. Dims
 outside the rotary part (partial rotary) get the real solve.

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import KVConvertError
-from ..recipe import DEVICES, option
+from ..recipe import DEVICES, Recipe, option
 
 TRAIN = ("attention", "all")
 OPTIMIZERS = ("adamw", "sgd")
@@ -85,6 +85,12 @@ class HealOptions:
     text_field: str = option("text", "Field holding the text in .jsonl data.")
     seed: int = option(0, "Seed for sampling, data order and LoRA init.", type=int)
     device: str = option("auto", "Where training runs (auto: CUDA if available).", DEVICES)
+    threads: int | None = option(
+        None,
+        "CPU threads torch uses (default: torch's choice, one per core). On a shared or busy "
+        "machine fewer threads can be much faster; OMP_NUM_THREADS is honoured too.",
+        type=int,
+    )
     teacher_device: str = option(
         "same",
         "Where the original model runs: the training device, or cpu to save memory.",
@@ -117,6 +123,8 @@ class HealOptions:
                 raise KVConvertError(
                     f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(allowed)}"
                 )
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise KVConvertError(f"threads: must be a positive integer, got {self.threads!r}")
         for key in ("steps", "batch_size", "grad_accum", "num_samples"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
@@ -152,3 +160,29 @@ class HealOptions:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def heal_options_from(recipe: Recipe, converted: str) -> HealOptions:
+    """The healing options of a ``convert --heal-steps`` run (other options keep defaults)."""
+    return HealOptions(
+        original=recipe.model,
+        converted=converted,
+        output=recipe.output,
+        steps=recipe.heal_steps,
+        train=recipe.heal_train,
+        lora=recipe.heal_lora,
+        lr=recipe.heal_lr,
+        final_lr=recipe.heal_final_lr,
+        batch_size=recipe.heal_batch_size,
+        seq_len=recipe.heal_seq_len,
+        num_samples=recipe.heal_num_samples,
+        calibration=recipe.calibration,
+        text_field=recipe.text_field,
+        seed=recipe.seed,
+        device=recipe.device,
+        threads=recipe.threads,
+        resume=recipe.heal_resume,
+        revision=recipe.revision,
+        trust_remote_code=recipe.trust_remote_code,
+        overwrite=recipe.overwrite,
+    )

@@ -43,13 +43,15 @@ from .. import report as report_mod
 from ..calibration.data import load_documents, sample_from_model, tokenize_documents
 from ..distributed import barrier, broadcast_tokens, dist_setup, local_device, mean_over_ranks
 from ..errors import KVConvertError
+from ..eta import Estimate
 from ..evaluate import kl_per_token
-from ..pipeline import (
+from ..loading import (
     bos_token_id,
     load_model,
     load_tokenizer,
     quiet_libraries,
     resolve_device,
+    set_threads,
 )
 from ..source import TensorSource, read_config, resolve_source
 from ..writer import atomic_output, check_output, write_json
@@ -255,12 +257,13 @@ class HealRun:
         n = self.training_sequences() + o.eval_samples
         if o.calibration == "self":
             bos = bos_token_id(self.original, read_config(self.original), None)
+            batch = min(SAMPLE_BATCH, n)
+            steps = -(-n // batch) * (o.seq_len - 1)
+            eta = Estimate("sampling training text", steps, "decode steps", enabled=self.progress)
             with tqdm(
                 total=n, desc="sampling training text", unit="seq", disable=not self.progress
             ) as bar:
-                tokens = sample_from_model(
-                    self.teacher, bos, n, o.seq_len, min(SAMPLE_BATCH, n), o.seed, bar
-                )
+                tokens = sample_from_model(self.teacher, bos, n, o.seq_len, batch, o.seed, bar, eta)
         else:
             docs = load_documents(o.calibration, o.text_field)
             needs_tok = any(isinstance(d, str) for d in docs)
@@ -327,6 +330,7 @@ class HealRun:
             total=o.steps, initial=self.step, desc="healing", unit="step", disable=not self.progress
         )
         t0 = time.perf_counter() - self.elapsed
+        eta = Estimate("healing", o.steps - self.step, "steps", enabled=self.progress)
         try:
             while self.step < o.steps:
                 for g in self.optimizer.param_groups:
@@ -352,6 +356,7 @@ class HealRun:
                 self.step += 1
                 self.elapsed = time.perf_counter() - t0
                 bar.update(1)
+                eta.update()
                 bar.set_postfix(loss=f"{sum(self.losses) / len(self.losses):.4f}")
                 if (
                     o.save_every
@@ -629,6 +634,7 @@ def heal(
     KeyboardInterrupt there interrupts the run like Ctrl-C).
     """
     opts.validate()
+    set_threads(opts.threads)
     output = Path(opts.output).expanduser()
     check_output(output, opts.overwrite)
     if not progress:

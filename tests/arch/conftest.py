@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.arch.models import ARCHS, REMOTE_ARCHS, build
+from tests.models import ARCHS, REMOTE_ARCHS, build
 
 
 @pytest.fixture(scope="session")

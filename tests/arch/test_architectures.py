@@ -10,8 +10,8 @@ import torch
 
 import kvconvert
 from kvconvert.evaluate import kv_cache_bytes
-from tests.arch.models import ARCHS
 from tests.conftest import FAST, load, logits, token_ids
+from tests.models import ARCHS
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -16,8 +16,8 @@ from kvconvert.arch import get_adapter, supported_model_types
 from kvconvert.arch.base import fuse_qkv, split_qkv
 from kvconvert.errors import KVConvertError
 from kvconvert.inspection import format_info, inspect_model
-from tests.arch.models import fold_identity_in_place
 from tests.conftest import load, token_ids
+from tests.models import fold_identity_in_place
 
 
 @pytest.fixture(scope="module")

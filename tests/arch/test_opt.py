@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvconvert.inspection import inspect_model
-from tests.arch.models import fold_identity_in_place
 from tests.conftest import load, token_ids
+from tests.models import fold_identity_in_place
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch
 import kvconvert
 from kvconvert.evaluate import kv_cache_bytes
 from kvconvert.pod.layermap import predicted_saving
-from tests.arch.models import ARCHS, gemma2_4layer
 from tests.conftest import load, token_ids
+from tests.models import ARCHS, gemma2_4layer
 from tests.pod.test_modeling import decode_logits, make_pod
 
 SINK, RECENT = 2, 4

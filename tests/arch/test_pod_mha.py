@@ -13,9 +13,9 @@ import torch
 
 import kvconvert
 from kvconvert.errors import KVConvertError
-from tests.arch.models import POD_MHA_ARCHS
 from tests.arch.test_pod import POD, check_identity, check_real_map
 from tests.conftest import load, token_ids
+from tests.models import POD_MHA_ARCHS
 
 
 def convert_with_map(src, dst, layers: list[int], tmp_path):

@@ -15,9 +15,9 @@ import kvconvert
 from kvconvert.errors import KVConvertError
 from kvconvert.evaluate import kv_cache_bytes
 from kvconvert.inspection import inspect_model
-from tests.arch.models import REMOTE_ARCHS
 from tests.conftest import FAST, load, logits, token_ids
 from tests.modeling.test_remote import logits_without_kvconvert
+from tests.models import REMOTE_ARCHS
 
 CLASSES = {
     "gpt_neox": "KVConvertGPTNeoXForCausalLM",

@@ -105,7 +105,7 @@ def test_gqa_then_pod(tiny_models, tmp_path):
 
 
 def test_calibration_too_short_refused_before_loading(tiny_models, tmp_path, monkeypatch):
-    """--target pod with its default recent window (4080) and the default calibration length
+    """--target pod with the paper's recent window (4080) and the default calibration length
     (256) is refused before any model is loaded, naming the options to change."""
     import transformers
 
@@ -118,6 +118,27 @@ def test_calibration_too_short_refused_before_loading(tiny_models, tmp_path, mon
             kvconvert.KVConvertError, match="use --seq-len above 4097 or a smaller --recent"
         ):
             kvconvert.convert(
-                str(tiny_models["llama"]), str(tmp_path / "o"), target=target, **extra
+                str(tiny_models["llama"]), str(tmp_path / "o"), target=target, recent=4080, **extra
             )
     assert not (tmp_path / "o").exists()
+
+
+def test_defaults_fit_together(tiny_models, tmp_path):
+    """--target pod and gqa,pod with no PoD or calibration options convert: the recent window
+    comes from the model's context (256 / 8 - sink 16 = 16) unless calibration is too short
+    for it, and the report says which bound chose it."""
+    src = tiny_models["llama"]
+    for target, extra in (("pod", {}), ("gqa,pod", {"kv_heads": 2})):
+        out = kvconvert.convert(
+            str(src), str(tmp_path / target), target=target, progress=False, **extra
+        )
+        rep = json.loads((out / "kvconvert.json").read_text())["target"]
+        assert rep["recent"] == 16 and "context 256 / 8" in rep["recent_from"]
+        assert json.loads((out / "config.json").read_text())["pod_recent"] == 16
+    # calibration shorter than the context's window: the calibration bound, and how to lift it
+    out = kvconvert.convert(
+        str(src), str(tmp_path / "short"), target="pod", seq_len=40, progress=False
+    )
+    rep = json.loads((out / "kvconvert.json").read_text())["target"]
+    assert rep["recent"] == 40 // 2 - 16
+    assert "--seq-len 40 / 2" in rep["recent_from"] and "--seq-len 64 or more" in rep["recent_from"]

@@ -1,11 +1,16 @@
-"""Tiny seeded models of the non-Llama architectures, from stock transformers configs.
+"""Tiny seeded models of every supported family, from stock transformers configs: the one
+place tests build models (nothing is downloaded; each is created with a fixed seed and saved
+with ``save_pretrained``).
 
-Each one exercises what its adapter is about: a fused qkv_proj with KV < H and partial rotary
-(phi3), per-head q/k norms with non-trivial weights (qwen3), head_dim != hidden/heads (gemma),
-soft-capping, query_pre_attn_scalar and sliding layers shorter than the test sequences (gemma2),
-fused per-head qkv with partial rotary (gpt_neox), absolute positions with project_in/out
-(opt; word_embed_proj_dim != hidden_size), a transposed Conv1D c_attn with per-layer attention
-scaling and the upcast/reordered eager path (gpt2); biases made non-zero wherever they exist.
+The Llama-layout families (``FAMILIES``) are the default test subjects: multi-head llama with
+tied embeddings, grouped mistral, qwen2 with q/k/v biases. The other architectures each
+exercise what their adapter is about: a fused qkv_proj with KV < H and partial rotary (phi3),
+per-head q/k norms with non-trivial weights (qwen3), head_dim != hidden/heads (gemma),
+soft-capping, query_pre_attn_scalar and sliding layers shorter than the test sequences
+(gemma2), fused per-head qkv with partial rotary (gpt_neox), absolute positions with
+project_in/out (opt; word_embed_proj_dim != hidden_size), a transposed Conv1D c_attn with
+per-layer attention scaling and the upcast/reordered eager path (gpt2); biases made non-zero
+wherever they exist.
 """
 
 from __future__ import annotations
@@ -13,6 +18,65 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def build_family(kind: str, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """One of ``FAMILIES`` (llama, mistral, qwen2), saved in ``dtype``."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
+    )
+    torch.manual_seed({"llama": 0, "mistral": 1, "qwen2": 2}[kind])
+    if kind == "llama":  # multi-head attention: 4 query heads, 4 KV heads, tied embeddings
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                head_dim=16,
+                tie_word_embeddings=True,
+                **common,
+            )
+        )
+    elif kind == "mistral":  # already grouped: 8 query heads over 4 KV heads
+        model = MistralForCausalLM(
+            MistralConfig(
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=8,
+                tie_word_embeddings=False,
+                **common,
+            )
+        )
+    else:  # qwen2: q/k/v biases, made non-zero so that dropping them would show
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, **common
+            )
+        )
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    model.to(dtype).save_pretrained(folder)
+    return folder
+
 
 COMMON = dict(
     vocab_size=96,
@@ -43,6 +107,9 @@ SEEDS = {"phi3": 10, "qwen3": 11, "gemma": 12, "gemma2": 13, "gpt_neox": 14, "op
 
 
 def build(kind: str, folder: Path) -> Path:
+    """Any family: ``FAMILIES`` or the other architectures (``ARCHS``, ``REMOTE_ARCHS``)."""
+    if kind in FAMILIES:
+        return build_family(kind, folder)
     import transformers as tf
 
     torch.manual_seed(SEEDS[kind])

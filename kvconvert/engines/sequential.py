@@ -38,40 +38,31 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
-from .calibration.stats import LayerStats, StatsCollector
-from .compat import cache_kwargs
-from .distributed import barrier, dist_setup
-from .errors import KVConvertError
-from .gqa.layer import merge_layer, to_float64
-from .recipe import Recipe, parse_size
-from .writer import ShardedWriter, cast_float, resumable_output, work_folder
+from ..calibration.data import calibration_info, calibration_tokens
+from ..calibration.stats import LayerStats, StatsCollector
+from ..compat import cache_kwargs
+from ..distributed import barrier, dist_setup
+from ..errors import KVConvertError
+from ..loading import compute_dtype, load_model, output_dtype, resolve_device
+from ..recipe import Recipe, parse_size
+from ..source import Source
+from ..target import Target
+from ..version import __version__
+from ..writer import ShardedWriter, cast_float, resumable_output, work_folder
 
 STATE_DIR = ".kvconvert-resume"
 #: Options that do not change the result (left out of the resume fingerprint).
 NOT_FINGERPRINTED = ("output", "overwrite", "resume", "dry_run", "offload_activations")
 
 
-def unsupported(recipe: Recipe, src: Any, counts: list[int]) -> str | None:
-    """Why this run cannot go layer by layer (None: it can)."""
-    if recipe.kv_heads is None or len(set(counts)) > 1 or recipe.kv_budget is not None:
-        return "per-layer KV head counts (--kv-budget, --kv-heads-per-layer)"
-    if recipe.rope_keys == "project":
-        return "--rope-keys project"
-    if src.adapter.qkv_proj or src.adapter.q_norm or src.adapter.k_norm:
-        return f"the {src.adapter.name} attention layout (fused qkv or q/k norms)"
-    if src.adapter.remote_family is not None:
-        return f"the {src.adapter.name} architecture (its output uses kvconvert's modeling code)"
-    return None
-
-
-def applies(recipe: Recipe, src: Any, counts: list[int]) -> bool:
+def applies(target: Target, recipe: Recipe) -> bool:
     """Whether this run goes through the layer-sequential engine.
 
-    ``auto`` takes it whenever the run is one it supports (uniform GQA on a Llama-layout
-    model) and the whole-model path otherwise; ``sequential`` insists and says why it cannot.
+    ``auto`` takes it whenever the target can go layer by layer (uniform GQA on a
+    Llama-layout model) and the whole-model engine otherwise; ``sequential`` insists and says
+    why it cannot.
     """
-    why = unsupported(recipe, src, counts)
+    why = target.why_not_layer_by_layer()
     needs_seq = [f for f in ("resume", "dry_run") if getattr(recipe, f)]
     needs_seq += ["propagate converted"] if recipe.propagate != "original" else []
     if recipe.pipeline == "whole" or why:
@@ -112,7 +103,7 @@ def all_reduce_sums(stats: LayerStats, world: int) -> None:
 class LayerFactory:
     """Decoder layers of the source, one at a time, materialised from the checkpoint."""
 
-    def __init__(self, src: Any, device: torch.device, dtype: torch.dtype, trust: bool):
+    def __init__(self, src: Source, device: torch.device, dtype: torch.dtype, trust: bool):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.src, self.device, self.dtype = src, device, dtype
@@ -264,12 +255,12 @@ def _libc() -> Any:
 
 
 # --- sizes, disk, plan -----------------------------------------------------------------------
-def layer_names(src: Any, i: int) -> list[str]:
+def layer_names(src: Source, i: int) -> list[str]:
     prefix = src.adapter.layer_prefix.format(i=i)
     return [n for n in src.tensors.names() if n.startswith(prefix)]
 
 
-def output_bytes(src: Any, recipe: Recipe, out_dtype: torch.dtype | None) -> int:
+def output_bytes(src: Source, recipe: Recipe, out_dtype: torch.dtype | None) -> int:
     """Bytes of the output's weights, from the source headers (nothing is read)."""
     kv_names = {
         src.adapter.tensor_name(i, p, kind)
@@ -287,7 +278,7 @@ def output_bytes(src: Any, recipe: Recipe, out_dtype: torch.dtype | None) -> int
     return total
 
 
-def _nbytes(src: Any, name: str) -> int:
+def _nbytes(src: Source, name: str) -> int:
     numel, itemsize, _ = src.tensors.info(name)
     return numel * itemsize
 
@@ -305,33 +296,22 @@ def check_disk(output: Path, need: int) -> None:
         )
 
 
-def plan(src: Any, recipe: Recipe, device: torch.device, out_dtype: torch.dtype | None) -> str:
+def plan(
+    target: Target, src: Source, recipe: Recipe, device: torch.device, out_dtype: torch.dtype | None
+) -> str:
     """The --dry-run text: what would be done, and what it would cost."""
-    from . import report as report_mod
-    from .gqa import grouping as grouping_mod
-
-    compute = torch.float32 if device.type == "cpu" else src.dtype
+    compute = compute_dtype(device, src.dtype)
     ckpt = sum(_nbytes(src, n) for n in src.tensors.names())
     layer_elems = max(
         sum(src.tensors.info(n)[0] for n in layer_names(src, i)) for i in range(src.num_layers)
     )
     hidden = int(src.config.get("hidden_size", 0))
-    tokens = recipe.num_samples * recipe.seq_len if recipe.method == "svd" else 0
+    tokens = recipe.num_samples * recipe.seq_len if target.needs_data() else 0
     acts = 2 * tokens * hidden * compute.itemsize
     attn = sum(
         src.tensors.info(n)[0] for n in src.attention_tensor_names(0)
     )  # one layer's attention, float64, before and after the solve
     est = layer_elems * compute.itemsize + acts + 2 * attn * 8
-    final = out_dtype or src.dtype
-    before = report_mod.kv_bytes_per_token(
-        [src.num_kv_heads] * src.num_layers, src.head_dim, src.dtype
-    )
-    after = report_mod.kv_bytes_per_token([recipe.kv_heads] * src.num_layers, src.head_dim, final)
-    groups = (
-        str([list(g) for g in grouping_mod.adjacent(src.num_kv_heads, recipe.kv_heads)])
-        if recipe.grouping == "adjacent"
-        else "searched per layer"
-    )
     out_size = output_bytes(src, recipe, out_dtype)
     probe = Path(recipe.output).expanduser().parent
     while not probe.exists():
@@ -339,12 +319,9 @@ def plan(src: Any, recipe: Recipe, device: torch.device, out_dtype: torch.dtype 
     lines = [
         f"model        {recipe.model} ({src.config.get('model_type')}, {src.num_layers} layers, "
         f"{src.num_heads} query heads, head_dim {src.head_dim})",
-        f"target       gqa: {src.num_kv_heads} -> {recipe.kv_heads} KV heads per layer, "
-        f"method {recipe.method}",
-        f"groups       {groups}",
-        f"KV cache     {before} -> {after} bytes per token ({str(final).removeprefix('torch.')})",
+        *target.dry_run_lines(out_dtype),
         f"calibration  {recipe.calibration}: {recipe.num_samples} x {recipe.seq_len} tokens"
-        if recipe.method == "svd"
+        if target.needs_data()
         else "calibration  none (data-free method)",
         f"engine       sequential on {device}, compute {str(compute).removeprefix('torch.')}, "
         f"--propagate {recipe.propagate}",
@@ -353,7 +330,7 @@ def plan(src: Any, recipe: Recipe, device: torch.device, out_dtype: torch.dtype 
         f"memory       about {est / 1e9:.3f} GB beyond the Python/torch baseline (one layer "
         f"{layer_elems * compute.itemsize / 1e9:.3f} GB + activations {acts / 1e9:.3f} GB)",
     ]
-    if recipe.method == "svd" and recipe.calibration == "self":
+    if target.needs_data() and recipe.calibration == "self":
         whole = sum(src.tensors.info(n)[0] for n in src.tensors.names()) * compute.itemsize
         lines.append(
             f"note         --calibration self loads the whole model once to sample (about "
@@ -364,7 +341,7 @@ def plan(src: Any, recipe: Recipe, device: torch.device, out_dtype: torch.dtype 
 
 
 # --- resume state ----------------------------------------------------------------------------
-def fingerprint(src: Any, recipe: Recipe, tokens: torch.Tensor | None) -> str:
+def fingerprint(src: Source, recipe: Recipe, tokens: torch.Tensor | None) -> str:
     """Hash of everything that decides the output: model files, calibration tokens, options."""
     opts = {k: v for k, v in recipe.to_dict().items() if k not in NOT_FINGERPRINTED}
     files = [(p.name, p.stat().st_size) for p in src.tensors.files]
@@ -432,16 +409,16 @@ def load_checkpoint(state_dir: Path, fp: str, writer: ShardedWriter, work: Path)
 
 
 # --- the run ---------------------------------------------------------------------------------
-def _tokens(recipe: Recipe, src: Any, device: torch.device, state_dir: Path | None, progress: bool):
+def _tokens(
+    recipe: Recipe, src: Source, device: torch.device, state_dir: Path | None, progress: bool
+):
     """Calibration tokens; sampled ones are kept in the work folder so --resume reuses them."""
-    from .pipeline import calibration_tokens, load_model
-
     saved = state_dir / "tokens.safetensors" if state_dir is not None else None
     if recipe.calibration == "self":
         if recipe.resume and saved is not None and saved.is_file():
             return load_file(saved)["tokens"]
         # Sampling needs the whole model (once, then freed): see docs/scale.md.
-        compute = torch.float32 if device.type == "cpu" else src.dtype
+        compute = compute_dtype(device, src.dtype)
         model = load_model(src.folder, device, compute, recipe.trust_remote_code)
         tokens = calibration_tokens(recipe, model, src, progress).cpu()
         del model
@@ -451,26 +428,26 @@ def _tokens(recipe: Recipe, src: Any, device: torch.device, state_dir: Path | No
 
 
 @torch.inference_mode()
-def convert(
+def run(
+    target: Target,
     recipe: Recipe,
-    src: Any,
+    src: Source,
     output: Path,
-    device: torch.device,
-    out_dtype: torch.dtype | None,
     progress: bool,
     command: str | None,
     t0: float,
 ) -> Path:
     """The whole conversion, layer by layer; returns the output folder."""
-    from .pipeline import finish_output
-
+    device = resolve_device(recipe.device)
+    out_dtype = output_dtype(recipe.dtype)
+    torch.manual_seed(recipe.seed)
     if recipe.dry_run:
-        print(plan(src, recipe, device, out_dtype))
+        print(plan(target, src, recipe, device, out_dtype))
         return output
     rank, world = dist_setup(device)
     if world > 1 and recipe.resume:
         raise KVConvertError("--resume is not supported under torchrun; resume in one process")
-    need_data = recipe.method == "svd"
+    need_data = target.needs_data()
     work = work_folder(output)
     state_dir = work / STATE_DIR
     if recipe.resume and not work.is_dir():
@@ -481,17 +458,14 @@ def convert(
     act_bytes = 0 if tokens is None else tokens.numel() * int(src.config.get("hidden_size", 0)) * 4
     if rank == 0:
         check_disk(output, output_bytes(src, recipe, out_dtype) + 2 * act_bytes - already)
-    calib_info = {"source": "none (data-free method)", "sequences": 0, "seq_len": 0}
+    calib_info = {"source": target.no_data, "sequences": 0, "seq_len": 0}
     if tokens is not None:
-        calib_info = {
-            "source": recipe.calibration,
-            "sequences": int(tokens.shape[0]),
-            "seq_len": int(tokens.shape[1]),
-            "seed": recipe.seed,
-        }
+        calib_info = calibration_info(recipe, tokens)
     if rank != 0:
         with gc_frozen():
-            _layers(recipe, src, device, out_dtype, tokens, None, None, fp, {}, progress=False)
+            _layers(
+                target, recipe, src, device, out_dtype, tokens, None, None, fp, {}, progress=False
+            )
         barrier(world)
         return output
     # A work folder without state (stopped before its first layer completed, or while
@@ -509,7 +483,17 @@ def convert(
             state = load_checkpoint(state_dir, fp, writer, work) if resume else None
             with gc_frozen():
                 _layers(
-                    recipe, src, device, out_dtype, tokens, writer, state, fp, results, progress
+                    target,
+                    recipe,
+                    src,
+                    device,
+                    out_dtype,
+                    tokens,
+                    writer,
+                    state,
+                    fp,
+                    results,
+                    progress,
                 )
             for name in src.tensors.names():
                 if not any(name.startswith(p) for p in _layer_prefixes(src)):
@@ -526,14 +510,12 @@ def convert(
             writer.close()
         shutil.rmtree(state_dir)
         t_calib = time.perf_counter() - t0
-        finish_output(
-            work, recipe, src, results, calib_info, shards, out_dtype, command, t0, t_calib
-        )
+        target.finish(work, shards, calib_info, out_dtype, command, t0, t_calib, results)
     barrier(world)
     return output
 
 
-def _layer_prefixes(src: Any) -> list[str]:
+def _layer_prefixes(src: Source) -> list[str]:
     return [src.adapter.layer_prefix.format(i=i) for i in range(src.num_layers)]
 
 
@@ -558,8 +540,9 @@ class _LayerReads:
 
 
 def _layers(
+    target: Target,
     recipe: Recipe,
-    src: Any,
+    src: Source,
     device: torch.device,
     out_dtype: torch.dtype | None,
     tokens: torch.Tensor | None,
@@ -571,7 +554,7 @@ def _layers(
 ) -> None:
     """The layer loop. ``writer`` None: a non-zero rank, which only calibrates."""
     rank, world = dist_setup(device)
-    compute = torch.float32 if device.type == "cpu" else src.dtype
+    compute = compute_dtype(device, src.dtype)
     store = torch.device("cpu") if recipe.offload_activations else device
     factory = (
         LayerFactory(src, device, compute, recipe.trust_remote_code) if tokens is not None else None
@@ -620,31 +603,8 @@ def _layers(
             stats = col.result()[i]
             nxt = outs if recipe.propagate == "original" else None
             del outs, col  # the collector holds the layer: drop both before solving
-        w = src.layer_weights(i, reads.kept)
-        reads.kept.clear()  # w holds them now, and frees them with itself
-        for key, t in w.items().items():
-            if t is not None and t.is_floating_point() and not t.isfinite().all():
-                raise KVConvertError(f"layer {i}: source tensor {key} contains NaN/inf")
-        res = merge_layer(
-            to_float64(w, device),
-            stats,
-            src.shape,
-            recipe.kv_heads,
-            recipe.method,
-            recipe.rope_keys,
-            recipe.objective,
-            recipe.grouping,
-            recipe.seed,
-        )
-        new = res.weights.items()
-        bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
-        if bad:
-            raise KVConvertError(f"layer {i}: solved {', '.join(bad)} contain NaN/inf")
-        orig = w.items()
-        solved = {
-            name: new[key].to(out_dtype or orig[key].dtype) for name, key in attention.items()
-        }
-        del w, new, orig
+        solved, res = target.solve_layer(i, stats, device, out_dtype, reads.kept)
+        reads.kept.clear()  # the solve read them; they are freed with it
         if acts is not None and nxt is None:  # --propagate converted
             conv = factory.layer(i, recipe.kv_heads, solved)
             nxt = [run_layer(conv, factory, i, a.to(device)).to(store) for a in acts]

@@ -1,0 +1,369 @@
+"""``--target gqa``: merge KV heads, per layer, from the layer's second moments.
+
+The engines hand this target statistics (whole model: ``observe`` collects every layer's at
+once; layer-sequential: one layer's at a time through ``solve_layer``); it solves each layer
+(``layer.py``, ``project.py``), writes the new attention tensors and describes the output:
+stock config with fewer KV heads, or kvconvert's model code for per-layer counts and projected
+keys. The method is in docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import report as report_mod
+from ..calibration.data import batches
+from ..calibration.stats import LayerStats, StatsCollector
+from ..compat import stamp_config
+from ..errors import KVConvertError
+from ..modeling import export as remote
+from ..recipe import Recipe
+from ..source import Source
+from ..target import Target
+from ..writer import cast_float, copy_side_files, write_json
+from . import budget as budget_mod
+from . import grouping as grouping_mod
+from .fold import AttentionWeights
+from .layer import LayerResult, LayerShape, merge_layer, to_float64
+from .project import ProjectedLayerResult, RotatedStatsCollector, project_layer
+
+
+def check_kv_heads(src: Source, kv_heads: int) -> None:
+    kv = src.num_kv_heads
+    if kv_heads > kv or kv % kv_heads:
+        divisors = [g for g in range(1, kv + 1) if kv % g == 0]
+        raise KVConvertError(
+            f"--kv-heads {kv_heads} must divide the model's {kv} KV heads "
+            f"(choose one of {', '.join(map(str, divisors))})"
+        )
+
+
+def layer_counts(src: Source, recipe: Recipe) -> list[int]:
+    """KV heads per layer from --kv-heads or --kv-heads-per-layer (--kv-budget: all, for now)."""
+    if recipe.kv_heads_per_layer is not None:
+        counts = budget_mod.parse_heads_per_layer(
+            recipe.kv_heads_per_layer, src.num_layers, src.num_kv_heads
+        )
+    elif recipe.kv_budget is not None:
+        budget_mod.budget_heads(recipe.kv_budget, src.num_layers, src.num_kv_heads)
+        counts = [src.num_kv_heads] * src.num_layers
+    else:
+        check_kv_heads(src, recipe.kv_heads)
+        counts = [recipe.kv_heads] * src.num_layers
+    if needs_remote_code(recipe, counts) or recipe.kv_budget is not None:
+        model_type = src.config.get("model_type")
+        if model_type not in remote.SUPPORTED:
+            raise KVConvertError(
+                f"--rope-keys project and per-layer KV heads are not available for {model_type!r} "
+                f"yet (supported: {', '.join(remote.SUPPORTED)})"
+            )
+    return counts
+
+
+def needs_remote_code(recipe: Recipe, counts: list[int]) -> bool:
+    """Per-layer head counts or projected keys: no stock class can load the result."""
+    return recipe.rope_keys == "project" or len(set(counts)) > 1
+
+
+def layer_shape(src: Source) -> LayerShape:
+    rope = src.adapter.rope_pairs(src.config)
+    return LayerShape(src.num_heads, src.num_kv_heads, src.head_dim, rope)
+
+
+def layer_weights(
+    src: Source, layer: int, read: Mapping[str, torch.Tensor] | None = None
+) -> AttentionWeights:
+    """Layer ``layer``'s attention tensors as the solver takes them (q/k/v/o cut apart)."""
+    return AttentionWeights.from_items(src.attention_items(layer, read))
+
+
+def layer_tensors(res: LayerResult) -> dict[str, torch.Tensor | None]:
+    """Module-relative names (q_proj.weight, ..., key_down) of a solved layer's tensors."""
+    out = {f"{k[0]}_proj.{k[2:]}": v for k, v in res.weights.items().items()}
+    if isinstance(res, ProjectedLayerResult):
+        out.update(res.extra_tensors())
+    return out
+
+
+class GQATarget(Target):
+    name = "gqa"
+    no_data = "none (data-free method)"
+
+    def __init__(self, src: Source, recipe: Recipe):
+        super().__init__(src, recipe)
+        self.counts = layer_counts(src, recipe)
+        self.shape = layer_shape(src)
+        self.stats: dict[int, LayerStats] | None = None
+        self.allocation: budget_mod.Allocation | None = None
+        self.results: dict[int, LayerResult] = {}
+
+    def needs_data(self) -> bool:
+        return self.recipe.method == "svd" or self.recipe.kv_budget is not None
+
+    def why_not_layer_by_layer(self) -> str | None:
+        recipe, adapter = self.recipe, self.src.adapter
+        if recipe.kv_heads is None or len(set(self.counts)) > 1 or recipe.kv_budget is not None:
+            return "per-layer KV head counts (--kv-budget, --kv-heads-per-layer)"
+        if recipe.rope_keys == "project":
+            return "--rope-keys project"
+        if adapter.qkv_proj or adapter.q_norm or adapter.k_norm:
+            return f"the {adapter.name} attention layout (fused qkv or q/k norms)"
+        if adapter.remote_family is not None:
+            return f"the {adapter.name} architecture (its output uses kvconvert's modeling code)"
+        return None
+
+    # --- measuring -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def collect_stats(
+        self, model: torch.nn.Module, tokens: torch.Tensor, progress: bool
+    ) -> dict[int, LayerStats]:
+        """Per-layer second moments; keys and queries after RoPE for --rope-keys project."""
+        src, batch_size = self.src, self.recipe.batch_size
+        device = next(model.parameters()).device
+        collector = RotatedStatsCollector if self.recipe.rope_keys == "project" else StatsCollector
+        with collector(model, src.adapter, src.config) as col:
+            n = (tokens.shape[0] + batch_size - 1) // batch_size
+            for batch in tqdm(
+                batches(tokens, batch_size), total=n, desc="calibrating", disable=not progress
+            ):
+                model(input_ids=batch.to(device), use_cache=False)
+        return col.result()
+
+    def observe(
+        self, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, progress: bool
+    ) -> None:
+        if self.recipe.method == "svd":
+            self.stats = self.collect_stats(model, tokens, progress)
+        if self.recipe.kv_budget is not None:
+            self.allocation = self.allocate_budget(model, tokens, device, progress)
+            self.counts = self.allocation.counts
+
+    def allocate_budget(
+        self, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, progress: bool
+    ) -> budget_mod.Allocation:
+        """--kv-budget: measure each layer's sensitivity on calibration data, then solve."""
+        src, recipe = self.src, self.recipe
+        kv = src.num_kv_heads
+        base = self.remote_config([kv] * src.num_layers)
+        impl = model.config._attn_implementation
+        dtype = next(model.parameters()).dtype
+
+        def swap(i: int, c: int):
+            cfg = dict(base, num_key_value_heads=[kv] * src.num_layers)
+            cfg["num_key_value_heads"][i] = c
+            res = self.solve(i, c, device)
+            tensors = {k: v for k, v in layer_tensors(res).items() if v is not None}
+            attn = remote.attention_module(cfg, i, tensors, impl).to(device=device, dtype=dtype)
+            parent_name, attr = src.attention_path(i).rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, attr)
+            setattr(parent, attr, attn)
+            return lambda: setattr(parent, attr, old)
+
+        sens = budget_mod.measure_sensitivities(
+            model,
+            tokens[: recipe.budget_samples],
+            src.num_layers,
+            budget_mod.divisors(kv),
+            swap,
+            recipe.batch_size,
+            progress,
+        )
+        return budget_mod.allocate(sens, kv, recipe.kv_budget)
+
+    # --- solving ---------------------------------------------------------------------------
+    def solve(
+        self,
+        layer: int,
+        kv_heads: int,
+        device: torch.device,
+        weights: AttentionWeights | None = None,
+        stats: LayerStats | None = None,
+    ) -> LayerResult:
+        """Merge one layer to ``kv_heads`` KV heads with the recipe's method (float64 result);
+        ``stats``: the layer's (else the whole-model engine's, if it collected them)."""
+        r = self.recipe
+        w = to_float64(weights or layer_weights(self.src, layer), device)
+        st = stats if stats is not None else (self.stats or {}).get(layer)
+        if r.rope_keys == "project":
+            return project_layer(
+                w, st, self.shape, kv_heads, r.method, r.objective, r.grouping, r.seed
+            )
+        return merge_layer(
+            w, st, self.shape, kv_heads, r.method, r.rope_keys, r.objective, r.grouping, r.seed
+        )
+
+    def solve_layer(
+        self,
+        layer: int,
+        stats: Any,
+        device: torch.device,
+        out_dtype: torch.dtype | None,
+        read: Mapping[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], LayerResult]:
+        w = layer_weights(self.src, layer, read)
+        for key, t in w.items().items():
+            if t is not None and t.is_floating_point() and not t.isfinite().all():
+                raise KVConvertError(f"layer {layer}: source tensor {key} contains NaN/inf")
+        res = self.solve(layer, self.counts[layer], device, w, stats)
+        new = res.weights.items()
+        check_finite(layer, new)
+        orig = w.items()
+        names = self.src.attention_tensor_names(layer)
+        solved = {name: new[key].to(out_dtype or orig[key].dtype) for name, key in names.items()}
+        return solved, res
+
+    def tensors(
+        self, device: torch.device, out_dtype: torch.dtype | None, progress: bool
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every output tensor in checkpoint order: attention layers solved lazily, one at a
+        time.
+
+        A layer is solved when its first attention tensor is reached, and all of its attention
+        tensors are written then, named as the output's layout has them (``output_adapter``:
+        the source's, or e.g. GPT-NeoX's fused qkv as separate projections); memory holds one
+        layer's solution, not the model's.
+        """
+        src, results = self.src, self.results
+        owner = {name: i for i in range(src.num_layers) for name in src.attention_tensor_names(i)}
+        out_adapter = src.stored.output_adapter()
+        renames = src.adapter.load_renames if src.adapter.remote_family else {}  # remote code
+        bar = tqdm(total=src.num_layers, desc="solving layers", unit="layer", disable=not progress)
+        for name in src.tensors.names():
+            if name not in owner:
+                yield renames.get(name, name), cast_float(src.tensors.get(name), out_dtype)
+                continue
+            i = owner[name]
+            if i in results:  # written with the layer's first attention tensor
+                continue
+            orig = layer_weights(src, i).items()
+            res = self.solve(i, self.counts[i], device)
+            new = res.weights.items()
+            check_finite(i, new)
+            new = {
+                k: v if v is None else v.to(out_dtype or getattr(orig.get(k), "dtype", src.dtype))
+                for k, v in new.items()
+            }
+            names = out_adapter.layer_tensor_names(i)
+            for role, t in out_adapter.join(new, src.head_dim).items():
+                if t is not None:
+                    yield names[role], t
+            results[i] = res
+            bar.update(1)
+            if isinstance(res, ProjectedLayerResult):  # run-time key projection
+                for extra, t in res.extra_tensors().items():
+                    yield f"{src.attention_path(i)}.{extra}", t.to(out_dtype or src.dtype)
+        bar.close()
+
+    # --- describing the output -------------------------------------------------------------
+    def remote_config(self, counts: list[int]) -> dict[str, Any]:
+        src = self.src
+        proj = [src.num_kv_heads if self.recipe.rope_keys == "project" else 0] * src.num_layers
+        biases = {p: src.stored.tensor_name(0, p, "bias") in src.tensors for p in "qkvo"}
+        return remote.remote_config(src.config, counts, proj, biases)
+
+    def report(self, use_remote: bool) -> dict[str, Any]:
+        """kvconvert.json "target": per-layer counts, key projection, the budget's evidence."""
+        counts, src, recipe = self.counts, self.src, self.recipe
+        out: dict[str, Any] = {
+            "kind": "gqa",
+            "num_key_value_heads": counts[0] if len(set(counts)) == 1 else counts,
+            "remote_code": use_remote,
+        }
+        if recipe.rope_keys == "project":
+            out["key_projection_heads"] = [src.num_kv_heads] * src.num_layers
+        if self.allocation is not None:
+            out["budget"] = {"fraction": recipe.kv_budget, **self.allocation.to_dict()}
+        return out
+
+    def dry_run_lines(self, out_dtype: torch.dtype | None) -> list[str]:
+        """What --dry-run prints about the target (the engine adds cost and memory)."""
+        src, recipe = self.src, self.recipe
+        final = out_dtype or src.dtype
+        before = report_mod.kv_bytes_per_token(
+            [src.num_kv_heads] * src.num_layers, src.head_dim, src.dtype
+        )
+        after = report_mod.kv_bytes_per_token(self.counts, src.head_dim, final)
+        groups = (
+            str([list(g) for g in grouping_mod.adjacent(src.num_kv_heads, recipe.kv_heads)])
+            if recipe.grouping == "adjacent"
+            else "searched per layer"
+        )
+        return [
+            f"target       gqa: {src.num_kv_heads} -> {recipe.kv_heads} KV heads per layer, "
+            f"method {recipe.method}",
+            f"groups       {groups}",
+            f"KV cache     {before} -> {after} bytes per token "
+            f"({str(final).removeprefix('torch.')})",
+        ]
+
+    def finish(
+        self,
+        work: Path,
+        shards: list[str],
+        calibration: dict[str, Any],
+        out_dtype: torch.dtype | None,
+        command: str | None,
+        t0: float,
+        t_calib: float,
+        results: Mapping[int, Any] | None = None,
+    ) -> None:
+        src, recipe, counts = self.src, self.recipe, self.counts
+        results = self.results if results is None else results
+        family = src.adapter.remote_family  # the architecture's GQA needs kvconvert's model code
+        use_remote = family is not None or needs_remote_code(recipe, counts)
+        if family is not None:
+            config = remote.family_config(src.config, family, counts[0])
+            model_files = remote.copy_model_files(work, family.files)
+        elif use_remote:
+            config = self.remote_config(counts)
+            model_files = remote.copy_model_files(work)
+        else:
+            config = src.adapter.set_kv_heads(src.config, counts[0])
+            model_files = []
+        if out_dtype is not None:
+            config["dtype"] = recipe.dtype
+            config.pop("torch_dtype", None)
+        write_json(work / "config.json", stamp_config(config))
+        side = copy_side_files(src.folder, work)
+        final_dtype = out_dtype or src.dtype
+        rep = {
+            **report_mod.report_header(recipe, src, command),
+            "target": self.report(use_remote),
+            "calibration": calibration,
+            "layers": [
+                {
+                    "layer": i,
+                    "groups": [list(g) for g in results[i].groups],
+                    "key_error": results[i].key_error,
+                    "value_error": results[i].value_error,
+                }
+                for i in sorted(results)
+            ],
+            "kv_bytes_per_token": {
+                "before": report_mod.kv_bytes_per_token(
+                    [src.num_kv_heads] * src.num_layers, src.head_dim, src.dtype
+                ),
+                "after": report_mod.kv_bytes_per_token(counts, src.head_dim, final_dtype),
+                "dtype": str(final_dtype).removeprefix("torch."),
+            },
+            "files": {"weights": shards, "copied": side, "model_code": model_files},
+            "timing_s": {
+                "calibration": round(t_calib, 3),
+                "total": round(time.perf_counter() - t0, 3),
+            },
+        }
+        write_json(work / "kvconvert.json", rep)
+        report_mod.write_recipe_and_card(work, recipe, rep, src.folder, config)
+
+
+def check_finite(layer: int, new: Mapping[str, torch.Tensor | None]) -> None:
+    bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
+    if bad:
+        raise KVConvertError(f"layer {layer}: solved {', '.join(bad)} contain NaN/inf")
