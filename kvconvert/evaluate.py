@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .compat import cache_kwargs, output_cache
 from .errors import KVConvertError
 from .recipe import DEVICES, DTYPES, option
+from .source import check_derived
 
 #: Version of the ``--json`` schema (docs/evaluation.md); bumped on any incompatible change.
 SCHEMA_VERSION = 1
@@ -144,9 +145,34 @@ def nll_per_token(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int 
     return total / max(count, 1)
 
 
+#: Rows of logits turned into float64 at once: bounds the measurement's memory to a few
+#: hundred MB whatever the batch, sequence length and vocabulary (a 49K vocabulary at 8 x 512
+#: tokens would otherwise need about 10 GB for the KL's float64 temporaries).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(n: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    lg = logits[:, :-1].double()
-    return F.cross_entropy(lg.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    lg, tgt = logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for rows in _row_chunks(lg.shape[0], lg.shape[-1]):
+        total += F.cross_entropy(lg[rows].double(), tgt[rows], reduction="sum")
+    return total
+
+
+def _kl_sum(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> float:
+    """Sum over positions of KL(softmax(ref) || softmax(cand)), in float64, chunk by chunk."""
+    r, c = ref_logits.flatten(0, -2), cand_logits.flatten(0, -2)
+    total = 0.0
+    for rows in _row_chunks(r.shape[0], r.shape[-1]):
+        lp = F.log_softmax(r[rows].double(), dim=-1)
+        lq = F.log_softmax(c[rows].double(), dim=-1)
+        total += float((lp.exp() * (lp - lq)).sum())
+    return total
 
 
 @torch.inference_mode()
@@ -161,8 +187,7 @@ def fidelity(
         b = tokens[i : i + batch_size]
         lr = reference(input_ids=b.to(dev_r)).logits
         lc = candidate(input_ids=b.to(dev_c)).logits.to(lr.device)
-        lp, lq = F.log_softmax(lr.double(), dim=-1), F.log_softmax(lc.double(), dim=-1)
-        kl += float((lp.exp() * (lp - lq)).sum())
+        kl += _kl_sum(lr, lc)
         bd = b.to(lr.device)
         nll_r += float(_nll_sum(lr, bd))
         nll_c += float(_nll_sum(lc, bd))
@@ -403,15 +428,21 @@ def _max_positions(model: torch.nn.Module) -> int | None:
 def evaluation_tokens(
     settings: EvalSettings, model: torch.nn.Module, folder: Path, tokenizer: Any | None, bos: int
 ) -> torch.Tensor:
-    from .calibration.data import load_documents, sample_from_model, tokenize_documents
+    from .calibration.data import (
+        load_documents,
+        sample_from_model,
+        tokenize_documents,
+        vocab_size,
+    )
 
     if settings.data == "self":
         return sample_from_model(
             model, bos, settings.num_samples, settings.seq_len, settings.batch_size, settings.seed
         ).cpu()
     docs = load_documents(settings.data, settings.text_field)
+    vocab = vocab_size(json.loads((folder / "config.json").read_text()))
     return tokenize_documents(
-        docs, tokenizer, settings.num_samples, settings.seq_len, settings.seed
+        docs, tokenizer, settings.num_samples, settings.seq_len, settings.seed, vocab
     )
 
 
@@ -433,8 +464,9 @@ def evaluate(
     if not progress:
         quiet_libraries()
     device = resolve_device(settings.device)
-    for name in (original, *converted):  # fail before any work on a missing model
-        resolve_model(name, progress)
+    folders = [resolve_model(name, progress) for name in (original, *converted)]
+    for name, folder in zip(converted, folders[1:], strict=True):  # before any work
+        check_derived(folders[0], folder, original, name)
     torch.manual_seed(settings.seed)
     orig, orig_dir = load_eval_model(
         original, device, settings.dtype, settings.trust_remote_code, progress

@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,8 @@ from .distributed import dist_setup, from_rank0, local_device, world_size
 from .engines import sequential, whole
 from .errors import KVConvertError
 from .evaluate import evaluate
-from .heal import HealOptions, heal, heal_options_from
+from .heal import HealOptions, heal_options_from
+from .heal import heal as heal_run
 from .hub import push
 from .inspection import inspect_model
 from .loading import command_line, quiet_libraries, resolve_device, set_threads
@@ -33,7 +36,7 @@ from .recipe import Recipe
 from .source import Source
 from .target import check_target
 from .targets import target_class
-from .writer import check_output
+from .writer import check_output, os_error_line, output_lock
 
 __all__ = [
     "HealOptions",
@@ -50,21 +53,47 @@ __all__ = [
 
 
 def convert(recipe: Recipe, progress: bool = True, command: str | None = None) -> Path:
-    """Run a whole conversion (and healing, with ``heal_steps``); return the output folder."""
+    """Run a whole conversion (and healing, with ``heal_steps``); return the output folder.
+
+    The output is locked for the whole run (a second run to it refuses), and file-system
+    failures end in one line (KVConvertError) that says whether ``--resume`` can finish."""
     recipe.validate()
     set_threads(recipe.threads)
-    if recipe.heal_steps:
-        return convert_and_heal(recipe, progress, command)
-    t0 = time.perf_counter()
     output = Path(recipe.output).expanduser()
-    check_output(output, recipe.overwrite)
-    if not progress:
-        quiet_libraries()
-    src = Source(recipe.model, recipe.revision, recipe.trust_remote_code, progress)
+    with output_lock(output), one_line_os_errors(output):
+        if recipe.heal_steps:
+            return convert_and_heal(recipe, progress, command)
+        t0 = time.perf_counter()
+        check_output(output, recipe.overwrite)
+        if not progress:
+            quiet_libraries()
+        src = Source(recipe.model, recipe.revision, recipe.trust_remote_code, progress)
+        try:
+            return _convert(recipe, src, output, progress, command, t0)
+        finally:
+            src.close()
+
+
+def heal(
+    opts: HealOptions,
+    progress: bool = True,
+    command: str | None = None,
+    callback: Callable[..., None] | None = None,
+) -> Path:
+    """Heal a converted model by distillation (``kvconvert.heal.heal``), its output locked."""
+    output = Path(opts.output).expanduser()
+    with output_lock(output), one_line_os_errors(output):
+        return heal_run(opts, progress, command, callback)
+
+
+@contextmanager
+def one_line_os_errors(output: Path) -> Iterator[None]:
+    """A full disk, a read-only folder or a vanished file: one line naming the file and what
+    is left to continue from, instead of a traceback."""
     try:
-        return _convert(recipe, src, output, progress, command, t0)
-    finally:
-        src.close()
+        yield
+    except OSError as e:
+        raise KVConvertError(os_error_line(e, output)) from e
 
 
 def _convert(
@@ -126,7 +155,7 @@ def convert_and_heal(recipe: Recipe, progress: bool = True, command: str | None 
         convert(
             replace(recipe, output=str(staged), overwrite=True, heal_steps=0), progress, command
         )
-        return heal(opts, progress, command)
+        return heal_run(opts, progress, command)
     finally:
         if rank == 0:
             shutil.rmtree(staged, ignore_errors=True)

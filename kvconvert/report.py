@@ -49,12 +49,14 @@ def report_header(
     }
 
 
-def write_recipe_and_card(
-    work: Path, recipe: Recipe, report: dict[str, Any], source: Path, config: dict[str, Any]
-) -> None:
-    """``recipe.yaml`` (the effective recipe, re-runnable with --recipe) and ``README.md``."""
+def write_recipe(work: Path, recipe: Recipe, report: dict[str, Any], source: Path) -> str:
+    """``recipe.yaml``: the effective recipe, re-runnable with ``--recipe`` from any
+    directory (a local source is stored as an absolute path, which the card never shows; a
+    Hub source is pinned to the commit converted). Returns its text."""
     pinned = recipe
-    if not local_source(recipe) and recipe.revision is None and source.parent.name == "snapshots":
+    if local_source(recipe):
+        pinned = replace(recipe, model=str(Path(recipe.model).expanduser().resolve()))
+    elif recipe.revision is None and source.parent.name == "snapshots":
         pinned = replace(recipe, revision=source.name)  # the exact Hub commit converted
     header = (
         f"kvconvert recipe: {report['command']}\n"
@@ -62,6 +64,14 @@ def write_recipe_and_card(
     )
     text = recipe_to_yaml(pinned, header=header)
     (work / "recipe.yaml").write_text(text)
+    return text
+
+
+def write_recipe_and_card(
+    work: Path, recipe: Recipe, report: dict[str, Any], source: Path, config: dict[str, Any]
+) -> None:
+    """``recipe.yaml`` (see ``write_recipe``) and the ``README.md`` model card."""
+    text = write_recipe(work, recipe, report, source)
     card = model_card(
         report,
         base_model_id(recipe, config),  # the source's keys, _name_or_path included

@@ -53,7 +53,7 @@ def resolve_source(
 ) -> Path:
     """Return a local folder for a model folder or Hub id, downloading only what is needed.
 
-    The Hub token comes from the usual places (``HF_TOKEN``, ``huggingface-cli login``) and is
+    The Hub token comes from the usual places (``HF_TOKEN``, ``hf auth login``) and is
     never printed.
     """
     path = Path(name_or_path).expanduser()
@@ -280,6 +280,31 @@ class _BinFile:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self._state[name]
+
+
+#: Config facts a converted model shares with its original, whatever the conversion.
+SHARED_FACTS = {
+    "vocabulary size": ("vocab_size",),
+    "hidden size": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+}
+
+
+def check_derived(original: Path, converted: Path, original_name: str, converted_name: str) -> None:
+    """Refuse, before any work, a converted model that cannot come from ``original``: its
+    vocabulary, hidden size or layer count differ (heal and eval compare the two token by
+    token)."""
+    a, b = read_config(original), read_config(converted)
+    for c in (a, b):
+        c.update(c.get("text_config") or {})
+    for what, keys in SHARED_FACTS.items():
+        va = next((a[k] for k in keys if isinstance(a.get(k), int)), None)
+        vb = next((b[k] for k in keys if isinstance(b.get(k), int)), None)
+        if va is not None and vb is not None and va != vb:
+            raise KVConvertError(
+                f"{converted_name} is not a conversion of {original_name}: its {what} is {vb}, "
+                f"the original's {va}"
+            )
 
 
 class Source:

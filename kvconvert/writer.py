@@ -6,10 +6,14 @@ renamed into place, so a failure or Ctrl-C never leaves a half-written output.
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import os
 import shutil
+import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,17 +23,37 @@ import torch
 
 from .errors import KVConvertError
 
-#: Source files never copied: weights (rewritten), config/card/report (regenerated).
-SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".py")
-SKIP_NAMES = {
-    "config.json",
-    "README.md",
-    "kvconvert.json",
-    "recipe.yaml",
-    ".gitattributes",
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
-}
+try:
+    import fcntl
+except ImportError:  # Windows: outputs are not locked
+    fcntl = None  # type: ignore[assignment]
+
+#: Source files an output carries over unchanged (fnmatch patterns): the tokenizer, the
+#: generation config, the chat template and the licence. Nothing else is copied: a note or a
+#: data file lying in the source folder must not end up published with the output.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "*.tiktoken",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "LICENSE*",
+    "LICENCE*",
+    "NOTICE*",
+    "USE_POLICY.md",
+)
+#: What marks a folder as a kvconvert output (``--overwrite`` replaces only those).
+REPORT = "kvconvert.json"
+#: The layer-sequential engine's resume state, inside the work folder.
+STATE_DIR = ".kvconvert-resume"
 
 
 #: torch dtype -> safetensors dtype tag (the format's header spelling).
@@ -196,20 +220,101 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer, chat template, generation config and other small files unchanged."""
+    """Copy the source's tokenizer, chat template, generation config and licence files
+    (``SIDE_FILES``) unchanged; return their names."""
     copied = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and p.name not in SKIP_NAMES and not p.name.endswith(SKIP_SUFFIXES):
+        if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in SIDE_FILES):
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied
 
 
 def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
+    """Refuse an output that exists (without ``overwrite``), that is not a folder, that holds
+    the current directory, or that ``--overwrite`` would wrongly delete: a non-empty folder
+    that is not a kvconvert output."""
+    if not output.exists():
+        return
+    if not overwrite:
         raise KVConvertError(f"output {output} already exists; pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
+    if not output.is_dir():
         raise KVConvertError(f"output {output} exists and is not a folder")
+    here = Path.cwd().resolve()
+    if here == output.resolve() or output.resolve() in here.parents:
+        raise KVConvertError(
+            f"output {output} is (or holds) the current directory, which cannot be replaced; "
+            "choose another -o"
+        )
+    if not (output / REPORT).is_file() and any(output.iterdir()):
+        raise KVConvertError(
+            f"output {output} is not a kvconvert output (no {REPORT}); --overwrite only "
+            "replaces earlier kvconvert outputs: remove it yourself or choose another -o"
+        )
+
+
+class _Held:
+    """Locks this process holds: path -> [file descriptor, depth] (a run that composes runs,
+    e.g. convert-then-heal, takes the same output's lock again)."""
+
+    locks: dict[Path, list[int]] = {}
+
+
+def lock_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.kvconvert-lock"
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the output's lock (``.NAME.kvconvert-lock`` beside it) for a whole run, so that a
+    second run writing the same output or its work folder refuses at once, naming the holder.
+
+    An advisory ``flock``: released by the operating system if the process dies. Under
+    torchrun only rank 0 takes it (the ranks of one run share the output). Where ``fcntl`` is
+    missing (Windows) no lock is taken.
+    """
+    path = lock_path(output.expanduser().resolve())
+    held = _Held.locks.get(path)
+    if held is not None or fcntl is None or int(os.environ.get("RANK", "0")) != 0:
+        if held is not None:
+            held[1] += 1
+        try:
+            yield
+        finally:
+            if held is not None:
+                held[1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise KVConvertError(
+                f"output {output} is being written by another kvconvert run ({holder}); wait "
+                f"for it to finish or choose another -o (lock: {path})"
+            ) from None
+        try:  # the holder before us may have removed the file we opened: lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}".encode())
+    _Held.locks[path] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _Held.locks[path]
+        try:
+            os.unlink(path)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 @contextmanager
@@ -238,6 +343,18 @@ def move_into_place(work: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         work.rename(output)
+
+
+def os_error_line(e: OSError, output: Path) -> str:
+    """One line for a file-system failure during a run writing ``output``."""
+    what = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system"}
+    line = what.get(e.errno or 0, e.strerror or str(e))
+    if e.filename:
+        line += f": {e.filename}"
+    work = work_folder(output)
+    if (work / STATE_DIR / "state.json").is_file():
+        line += f"; the layers done so far are kept in {work}: fix this, then rerun with --resume"
+    return line
 
 
 def work_folder(output: Path) -> Path:

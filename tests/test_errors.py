@@ -66,6 +66,8 @@ def test_corrupt_weights(tiny_models, tmp_path, damage):
 
 
 def test_existing_output_refused_then_overwritten(tiny_models, tmp_path):
+    """An existing output is refused; --overwrite replaces an earlier kvconvert output (all of
+    it) but never a folder that is not one (issue: it deleted unrelated files)."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -84,9 +86,16 @@ def test_existing_output_refused_then_overwritten(tiny_models, tmp_path):
     assert r.exit_code == 1 and "already exists" in r.output
     assert (out / "keep.txt").read_text() == "mine"
     r = run(*args, "--overwrite")
+    assert r.exit_code == 1 and "is not a kvconvert output" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    r = run(*args, "--overwrite")  # an empty folder may be filled
     assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists()
-    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+    (out / "extra.txt").write_text("part of the old output")
+    r = run(*args[:2], "1", *args[3:], "--overwrite")  # an earlier output: replaced whole
+    assert r.exit_code == 0, r.output
+    assert not (out / "extra.txt").exists()
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 1
 
 
 def test_failure_leaves_no_partial_output(tiny_models, tmp_path, monkeypatch):

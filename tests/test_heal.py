@@ -109,8 +109,9 @@ def test_interrupt_leaves_output_untouched_and_resume_matches(converted, tmp_pat
     full = heal(_opts(converted, tmp_path / "full", steps=12, save_every=4), progress=False)
 
     out = tmp_path / "out"
-    out.mkdir()
+    shutil.copytree(converted[1], out)  # an earlier kvconvert output, which --overwrite replaces
     (out / "keep.txt").write_text("previous output")
+    previous = sorted(p.name for p in out.iterdir())
 
     def stop_at_6(run, step, loss):
         if step == 6:
@@ -119,7 +120,7 @@ def test_interrupt_leaves_output_untouched_and_resume_matches(converted, tmp_pat
     opts = _opts(converted, out, steps=12, save_every=4, overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         heal(opts, False, None, stop_at_6)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched
+    assert sorted(p.name for p in out.iterdir()) == previous  # untouched
     state = torch.load(state_folder(out) / "state.pt", weights_only=True)
     assert state["step"] == 6  # saved on Ctrl-C, not only at step 4
 
@@ -278,11 +279,28 @@ def test_healed_remote_code_output_stays_loadable(tiny_models, tmp_path, kind, c
     if kind == "pod":  # a near-exact start (KL ~0.004 here): the weights move, KL may not drop
         (run,) = json.loads((out / "kvconvert.json").read_text())["heal"]
         assert run["trained"]["mode"] == "all" and run["kl_after"] is not None
-        if run["kl_after"] >= run["kl_before"]:  # the user is told
+        if run["kl_after"] >= run["kl_before"]:  # the user is told, and keeps the unhealed
             assert "held-out KL did not drop" in capsys.readouterr().err
-        assert not torch.equal(healed.lm_head.weight, before.lm_head.weight)
+            assert run["kept"].startswith("unhealed")
+            assert torch.equal(healed.lm_head.weight, before.lm_head.weight)
+        else:
+            assert not torch.equal(healed.lm_head.weight, before.lm_head.weight)
     else:
         assert kl_per_token(orig, healed, ids) < kl_per_token(orig, before, ids)
     with torch.inference_mode():
         gen = healed.generate(ids[:1, :24], max_new_tokens=8, do_sample=False)
     assert gen.shape == (1, 32)
+
+
+def test_heal_that_makes_things_worse_keeps_the_unhealed_model(converted, tmp_path, capsys):
+    """A learning rate far too high raises the held-out KL: the output keeps the converted
+    weights, the report and card say so, and the advice names heal's and convert's flags."""
+    src, conv = converted
+    out = heal(_opts(converted, tmp_path / "worse", steps=4, lr=5.0), progress=False)
+    (run,) = json.loads((out / "kvconvert.json").read_text())["heal"]
+    assert run["kl_after"] >= run["kl_before"] and run["kept"].startswith("unhealed")
+    a, b = tensors(conv), tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    err = capsys.readouterr().err
+    assert "keeps the unhealed model" in err and "--heal-lr" in err and "--lr" in err
+    assert "these weights are the unhealed ones" in (out / "README.md").read_text()

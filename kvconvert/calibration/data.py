@@ -122,8 +122,11 @@ def tokenize_documents(
     num_samples: int,
     seq_len: int,
     seed: int,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Shuffle documents (seeded), join them into one token stream, cut ``seq_len`` windows."""
+    """Shuffle documents (seeded), join them into one token stream, cut ``seq_len`` windows;
+    ``vocab_size``: refuse ids the model has no embedding for (pre-tokenized data made with
+    another tokenizer) in one line, instead of an IndexError deep in the forward."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     stream: list[int] = []
@@ -146,7 +149,16 @@ def tokenize_documents(
             f"calibration data has only {len(stream)} tokens; --seq-len {seq_len} needs at "
             "least that many per sample"
         )
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    tokens = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if vocab_size is not None and tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise KVConvertError(
+                f"calibration data holds token id {bad}, outside the model's vocabulary (ids 0 "
+                f"to {vocab_size - 1}); were its input_ids made with another tokenizer?"
+            )
+    return tokens
 
 
 @torch.inference_mode()
@@ -210,7 +222,16 @@ def calibration_tokens(
     docs = load_documents(recipe.calibration, recipe.text_field)
     needs_tok = any(isinstance(d, str) for d in docs)
     tok = load_tokenizer(src.folder, recipe.trust_remote_code) if needs_tok else None
-    return tokenize_documents(docs, tok, recipe.num_samples, recipe.seq_len, recipe.seed)
+    vocab = vocab_size(src.config)
+    return tokenize_documents(docs, tok, recipe.num_samples, recipe.seq_len, recipe.seed, vocab)
+
+
+def vocab_size(config: dict[str, Any]) -> int | None:
+    """The model's vocabulary size from its raw config (multimodal: the text config's)."""
+    for c in (config, config.get("text_config") or {}):
+        if isinstance(c.get("vocab_size"), int):
+            return c["vocab_size"]
+    return None
 
 
 def calibration_info(recipe: Recipe, tokens: torch.Tensor) -> dict[str, Any]:

@@ -48,9 +48,8 @@ from ..recipe import Recipe, parse_size
 from ..source import Source
 from ..target import Target
 from ..version import __version__
-from ..writer import ShardedWriter, cast_float, resumable_output, work_folder
+from ..writer import STATE_DIR, ShardedWriter, cast_float, resumable_output, work_folder
 
-STATE_DIR = ".kvconvert-resume"
 #: Options that do not change the result (left out of the resume fingerprint).
 NOT_FINGERPRINTED = ("output", "overwrite", "resume", "dry_run", "offload_activations")
 
@@ -452,12 +451,22 @@ def run(
     state_dir = work / STATE_DIR
     if recipe.resume and not work.is_dir():
         raise KVConvertError(f"--resume: there is no interrupted run to resume ({work} is absent)")
-    tokens = _tokens(recipe, src, device, state_dir, progress and rank == 0) if need_data else None
-    fp = fingerprint(src, recipe, tokens)
+    saved = state_dir / "state.json"
+    if saved.is_file() and not recipe.resume and not recipe.overwrite:
+        done = json.loads(saved.read_text()).get("next_layer", 0)
+        raise KVConvertError(
+            f"{work} holds an interrupted conversion ({done} of {src.num_layers} layers done); "
+            "add --resume to continue it, or --overwrite to discard it and start over"
+        )
+    # the disk is checked before calibration (sampling can take long): at most
+    # num_samples x seq_len tokens of activations, twice (current and next layer's)
     already = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) if recipe.resume else 0
-    act_bytes = 0 if tokens is None else tokens.numel() * int(src.config.get("hidden_size", 0)) * 4
+    n_tokens = recipe.num_samples * recipe.seq_len if need_data else 0
+    act_bytes = n_tokens * int(src.config.get("hidden_size", 0)) * 4
     if rank == 0:
         check_disk(output, output_bytes(src, recipe, out_dtype) + 2 * act_bytes - already)
+    tokens = _tokens(recipe, src, device, state_dir, progress and rank == 0) if need_data else None
+    fp = fingerprint(src, recipe, tokens)
     calib_info = {"source": target.no_data, "sequences": 0, "seq_len": 0}
     if tokens is not None:
         calib_info = calibration_info(recipe, tokens)

@@ -35,10 +35,17 @@ def run(
     torch.manual_seed(recipe.seed)
     calibration = {"source": target.no_data, "sequences": 0, "seq_len": 0}
     if target.needs_data():
+        # data from a file is read (and checked) before the model is loaded
+        tokens = (
+            None
+            if recipe.calibration == "self"
+            else calibration_tokens(recipe, None, src, progress)
+        )
         model = load_model(
             src.folder, device, compute_dtype(device, src.dtype), recipe.trust_remote_code
         )
-        tokens = calibration_tokens(recipe, model, src, progress)
+        if tokens is None:
+            tokens = calibration_tokens(recipe, model, src, progress)
         target.observe(model, tokens, device, progress)
         calibration = calibration_info(recipe, tokens)
         del model

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import report as report_mod
-from ..calibration.data import load_documents, sample_from_model, tokenize_documents
+from ..calibration.data import load_documents, sample_from_model, tokenize_documents, vocab_size
 from ..distributed import barrier, broadcast_tokens, dist_setup, local_device, mean_over_ranks
 from ..errors import KVConvertError
 from ..eta import Estimate
@@ -53,7 +53,7 @@ from ..loading import (
     resolve_device,
     set_threads,
 )
-from ..source import TensorSource, read_config, resolve_source
+from ..source import TensorSource, check_derived, read_config, resolve_source
 from ..writer import atomic_output, check_output, write_json
 from .lora import LoRALinear, add_lora
 from .options import HealOptions
@@ -101,6 +101,7 @@ class HealRun:
         self.original = resolve_source(
             opts.original, opts.revision, opts.trust_remote_code, progress
         )
+        check_derived(self.original, self.converted, opts.original, opts.converted)
         self.tensors = TensorSource.open(self.converted)
         if any(f.suffix != ".safetensors" for f in self.tensors.files):
             raise KVConvertError(f"{self.converted} must hold .safetensors weights to be healed")
@@ -268,7 +269,8 @@ class HealRun:
             docs = load_documents(o.calibration, o.text_field)
             needs_tok = any(isinstance(d, str) for d in docs)
             tok = load_tokenizer(self.original, o.trust_remote_code) if needs_tok else None
-            tokens = tokenize_documents(docs, tok, n, o.seq_len, o.seed)
+            vocab = vocab_size(read_config(self.original))
+            tokens = tokenize_documents(docs, tok, n, o.seq_len, o.seed, vocab)
             if tokens.shape[0] <= o.eval_samples:
                 raise KVConvertError(
                     f"calibration data gives {tokens.shape[0]} sequences of {o.seq_len} tokens; "
@@ -470,9 +472,19 @@ class HealRun:
             )
         return out
 
+    @property
+    def worse(self) -> bool:
+        """Healing did not lower the held-out KL: the output keeps the unhealed weights."""
+        return (
+            self.kl_before is not None
+            and self.kl_after is not None
+            and (self.kl_after >= self.kl_before)
+        )
+
     def write(self, command: str | None) -> Path:
-        """The converted folder with healed tensors: every other file copied unchanged."""
-        final = self.final_tensors()
+        """The converted folder with healed tensors (the unhealed ones when healing made the
+        model worse): every other file copied unchanged."""
+        final = {} if self.worse else self.final_tensors()
         with atomic_output(self.output, self.opts.overwrite) as work:
             weight_files = set()
             for f in self.tensors.files:
@@ -516,6 +528,7 @@ class HealRun:
             "final_loss_steps": len(self.losses),
             "kl_before": self.kl_before,
             "kl_after": self.kl_after,
+            "kept": "unhealed (the held-out KL did not drop)" if self.worse else "healed",
             "data": {
                 "source": o.calibration,
                 "sequences": int(self.tokens.shape[0]),
@@ -614,11 +627,14 @@ def card_section(entry: dict[str, Any]) -> str:
             f" KL to the original on {entry['data']['eval_sequences']} held-out sequences: "
             f"{entry['kl_before']:.4f} -> {entry['kl_after']:.4f} nats/token."
         )
+    kept = ""
+    if entry.get("kept", "healed") != "healed":
+        kept = " The held-out KL did not drop, so these weights are the unhealed ones."
     return (
         "## Healing\n\n"
         f"Distilled from the original for {entry['steps']} steps ({entry['trained']['mode']}, "
         f"training text `{entry['data']['source']}`, {entry['data']['tokens_seen']} tokens)."
-        f"{kl}\n\n```\n{entry['command']}\n```\n"
+        f"{kl}{kept}\n\n```\n{entry['command']}\n```\n"
     )
 
 
@@ -637,6 +653,16 @@ def heal(
     set_threads(opts.threads)
     output = Path(opts.output).expanduser()
     check_output(output, opts.overwrite)
+    saved = state_folder(output) / "state.pt"
+    if opts.resume and not saved.is_file():
+        raise KVConvertError(
+            f"--resume: there is no interrupted heal to resume ({saved.parent} is absent)"
+        )
+    if saved.is_file() and not opts.resume and not opts.overwrite:
+        raise KVConvertError(
+            f"{saved.parent} holds an interrupted heal; add --resume to continue it, or "
+            "--overwrite to discard it and start over"
+        )
     if not progress:
         quiet_libraries()
     torch.manual_seed(opts.seed)
@@ -653,11 +679,18 @@ def heal(
             barrier(run.world)
             return output
         run.kl_after = run.evaluate()
-        if run.kl_before is not None and run.kl_after >= run.kl_before:
+        if run.worse:
             print(
                 f"kvconvert heal: warning: the held-out KL did not drop ({run.kl_before:.4f} -> "
-                f"{run.kl_after:.4f} nats/token); try a lower --lr, more --num-samples, or keep "
-                "the converted model",
+                f"{run.kl_after:.4f} nats/token), so {output} keeps the unhealed model; try a "
+                "lower learning rate (heal --lr, or --heal-lr when converting) or more "
+                "training text (--num-samples, or --heal-num-samples)",
+                file=sys.stderr,
+            )
+        elif run.kl_before is not None and progress:
+            print(
+                f"kvconvert heal: held-out KL {run.kl_before:.4f} -> {run.kl_after:.4f} "
+                f"nats/token ({run.eval_tokens.shape[0]} sequences)",
                 file=sys.stderr,
             )
         out = run.write(command)
