@@ -75,7 +75,7 @@ def main() -> None:
     def decode() -> None:
         # one step on a 64-token cache, cropped back so every repeat sees the same length
         model(input_ids=step_ids, use_cache=True, **cache_kwargs(cache))
-        cache.crop(64)
+        cache.crop(-1)
 
     student = copy.deepcopy(model).train()
     for p in student.parameters():

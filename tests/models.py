@@ -20,6 +20,18 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2")
+#: Sizes every tiny model shares (families and the other architectures alike).
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.1,
+)
 
 
 def build_family(kind: str, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -33,16 +45,7 @@ def build_family(kind: str, folder: Path, dtype: torch.dtype = torch.float32) ->
         Qwen2ForCausalLM,
     )
 
-    common = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-    )
+    common = {k: v for k, v in COMMON.items() if k != "pad_token_id"}  # saved without one
     torch.manual_seed({"llama": 0, "mistral": 1, "qwen2": 2}[kind])
     if kind == "llama":  # multi-head attention: 4 query heads, 4 KV heads, tied embeddings
         model = LlamaForCausalLM(
@@ -78,17 +81,6 @@ def build_family(kind: str, folder: Path, dtype: torch.dtype = torch.float32) ->
     return folder
 
 
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-    initializer_range=0.1,
-)
 #: gemma2's own features, all switched on: a head_dim of its own, query_pre_attn_scalar, a
 #: sliding window shorter than the test sequences, and both soft-caps
 GEMMA2 = dict(
