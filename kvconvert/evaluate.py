@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .compat import cache_kwargs, output_cache
 from .errors import KVConvertError
 from .recipe import DEVICES, DTYPES, option
+from .report import record_fidelity
 from .source import check_derived
 
 #: Version of the ``--json`` schema (docs/evaluation.md); bumped on any incompatible change.
@@ -85,6 +86,12 @@ class EvalSettings:
         False,
         "Allow models' own code to run. kvconvert outputs (kvconvert.json + auto_map) are "
         "trusted without it; anything else is not.",
+    )
+    record: bool = option(
+        False,
+        "Write what was measured (KL, perplexity, KV ratio, the data) into each converted "
+        "kvconvert output: its kvconvert.json 'evaluation' and its model card's Fidelity "
+        "section.",
     )
 
     def validate(self) -> EvalSettings:
@@ -527,13 +534,35 @@ def evaluate(
         entry["prefill_tok_s"] = context / tp
         entry["decode_tok_s"] = (settings.new_tokens - 1) / td if settings.new_tokens > 1 else None
         entry["timed_runs"] = len(times[j])
-    return {
+    doc = {
         "kvconvert_eval": SCHEMA_VERSION,
         "command": command or "kvconvert.evaluate.evaluate(...)",
         "versions": versions(),
         "device": str(device),
         "settings": {**asdict(settings), "context": context, "eval_tokens": list(tokens.shape)},
         "models": results,
+    }
+    if settings.record:
+        for name, folder, entry in zip(converted, folders[1:], results[1:], strict=True):
+            if (folder / "kvconvert.json").is_file():
+                record_fidelity(folder, fidelity_entry(doc, entry))
+            elif progress:
+                print(f"--record: {name} is not a kvconvert output; nothing recorded")
+    return doc
+
+
+def fidelity_entry(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """What ``--record`` writes into an output: the headline figures and how they were got."""
+    st, orig = doc["settings"], doc["models"][0]
+    return {
+        "measured_by": "kvconvert eval",
+        "kl_nats_per_token": round(entry["kl"], 6),
+        "perplexity": round(entry["ppl"], 4),
+        "original_perplexity": round(orig["ppl"], 4),
+        "kv_cache_ratio": round(entry["kv_ratio"], 4) if entry["kv_ratio"] is not None else None,
+        "data": st["data"],
+        "tokens": f"{st['eval_tokens'][0]} x {st['eval_tokens'][1]}",
+        "command": doc["command"],
     }
 
 
@@ -580,10 +609,13 @@ def format_table(doc: dict[str, Any]) -> str:
         "decode tok/s",
         "retrieval",
     ]
+    retrieval = _retrieval_score(doc["models"][0]) not in (None, 0.0)
+    if not retrieval:  # the original cannot do it either: the column would say nothing
+        head.pop()
     rows = [head]
     for m in doc["models"]:
         r = m.get("retrieval")
-        acc = [a for a in (r or {}).get("accuracy", []) if a is not None]
+        score = _retrieval_score(m)
         rows.append(
             [
                 short_name(m["name"]),
@@ -594,13 +626,22 @@ def format_table(doc: dict[str, Any]) -> str:
                 f"{m['ppl']:.3f}",
                 f"{m['prefill_tok_s']:.0f}",
                 f"{m['decode_tok_s']:.1f}" if m["decode_tok_s"] else "-",
-                f"{sum(acc) / len(acc):.2f} ({r['task']})" if acc else "-",
-            ]
+                f"{score:.2f} ({r['task']})" if score is not None else "-",
+            ][: len(head)]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(_cells(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if not retrieval and doc["models"][0].get("retrieval"):
+        task = doc["models"][0]["retrieval"]["task"]
+        lines.append(f"(retrieval left out: the original scores 0 on the {task} task here)")
     return "\n".join(lines)
+
+
+def _retrieval_score(m: dict[str, Any]) -> float | None:
+    """Mean retrieval accuracy over the depths, or None when not measured."""
+    acc = [a for a in (m.get("retrieval") or {}).get("accuracy", []) if a is not None]
+    return sum(acc) / len(acc) if acc else None
 
 
 def _cells(row: list[str], widths: list[int]) -> list[str]:
@@ -618,9 +659,21 @@ def _bytes(n: int) -> str:
 
 
 def write_plot(doc: dict[str, Any], path: str | Path) -> None:
-    """KL vs KV bytes for every model, and a per-layer heatmap of each conversion's errors."""
+    """Save ``plot_figure(doc)`` as an image (``--plot``)."""
+    plt = require_matplotlib()
+    fig = plot_figure(doc)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_figure(doc: dict[str, Any]) -> Any:
+    """KL vs the KV cache measured at the evaluation context for every model (a legend names
+    them, so labels never overlap; bytes at a context show savings that grow with length,
+    such as PoD's), and one heatmap of per-layer values per conversion, all on one colour
+    scale."""
     plt = require_matplotlib()
     models = doc["models"]
+    ctx = doc["settings"]["context"]
     maps = [m for m in models if m["conversion"] and _layer_matrix(m["conversion"])[0]]
     ncols = min(max(len(maps), 1), 3)
     nrows = 1 + math.ceil(len(maps) / ncols)
@@ -630,31 +683,33 @@ def write_plot(doc: dict[str, Any], path: str | Path) -> None:
     ax = fig.add_subplot(grid[0, :])
     for m in models:
         orig = m["role"] == "original"
-        x, y = m["kv_bytes_per_token"], m["kl"]
-        ax.scatter(x, y, s=90 if orig else 45, marker="*" if orig else "o", zorder=3)
         label = short_name(m["name"]) + (" (original)" if orig else "")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("KV cache bytes per token (measured after a prefill)")
+        x, y = m["kv_bytes_at_context"] / 2**20, m["kl"]
+        ax.scatter(x, y, s=90 if orig else 45, marker="*" if orig else "o", zorder=3, label=label)
+    ax.set_xlabel(f"KV cache MiB at {ctx} tokens (measured after a prefill of {ctx})")
     ax.set_ylabel("KL(original || model)\nnats/token")
     ax.set_title("Fidelity vs KV cache size")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-    for k, m in enumerate(maps):
-        rows, mat = _layer_matrix(m["conversion"])
+    ax.legend(fontsize=8, loc="best")
+    mats = [_layer_matrix(m["conversion"]) for m in maps]
+    top = max((v for _, mat in mats for _, v in _cells_of(mat)), default=1.0) or 1.0
+    images = []
+    for k, (m, (rows, mat)) in enumerate(zip(maps, mats, strict=True)):
         a = fig.add_subplot(grid[1 + k // ncols, k % ncols])
-        im = a.imshow(mat, aspect="auto", cmap="magma_r", vmin=0)
+        images.append(a.imshow(mat, aspect="auto", cmap="magma_r", vmin=0, vmax=top))
         a.set_yticks(range(len(rows)), rows, fontsize=8)
         a.set_xticks(range(len(mat[0])))
         if len(mat[0]) <= 16:
-            top = max((v for _, v in _cells_of(mat)), default=0.0)
             for (r, c), v in _cells_of(mat):
                 ink = "white" if v > 0.5 * top else "black"
                 a.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color=ink)
         a.set_xlabel("layer")
         a.set_title(short_name(m["name"]), fontsize=9)
-        fig.colorbar(im, ax=a, shrink=0.8, label="per-layer value")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if images:
+        axes = [im.axes for im in images]
+        fig.colorbar(images[0], ax=axes, shrink=0.8, label="per-layer value (one scale)")
+    return fig
 
 
 def _layer_matrix(conv: dict[str, Any]) -> tuple[list[str], list[list[float]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -272,16 +273,46 @@ def _fidelity(report: dict[str, Any]) -> list[str]:
         return [
             "No fidelity measurement was recorded with this conversion. Merging KV heads costs "
             "quality: measure KL and perplexity against the original on your own data before "
-            "deploying."
+            "deploying (`kvconvert eval ORIGINAL THIS --record` writes them here)."
         ]
     rows = ["| measure | value |", "|---|---|"]
     for key, value in measured.items():
+        if key in ("measured_by", "command"):
+            continue
         if isinstance(value, float):
             value = f"{value:.4g}"
         elif isinstance(value, (dict, list)):
             continue
         rows.append(f"| {key.replace('_', ' ')} | {value} |")
-    return ["Measured at conversion time (details in `kvconvert.json`):", "", *rows]
+    by = measured.get("measured_by", "the conversion")
+    lines = [f"Measured by {by} (details in `kvconvert.json`):", "", *rows]
+    if measured.get("command"):
+        lines += ["", "```bash", measured["command"], "```"]
+    return lines
+
+
+def record_fidelity(folder: Path, measured: dict[str, Any]) -> None:
+    """Put a measurement into an output: ``kvconvert.json`` "evaluation", and the model card's
+    Fidelity section (replaced, or added before "How to load" where the card has none), so
+    the card states what was last measured and never contradicts itself."""
+    path = folder / "kvconvert.json"
+    rep = json.loads(path.read_text())
+    rep["evaluation"] = measured
+    path.write_text(json.dumps(rep, indent=2) + "\n")
+    card_path = folder / "README.md"
+    if not card_path.is_file():
+        return
+    card = card_path.read_text()
+    section = "## Fidelity\n\n" + "\n".join(_fidelity(rep)) + "\n"
+    start = card.find("## Fidelity\n")
+    if start >= 0:
+        end = card.find("\n## ", start + 1)
+        card = card[:start] + section + (card[end:] if end >= 0 else "")
+    else:
+        at = card.find("## How to load")
+        at = at if at >= 0 else len(card)
+        card = card[:at] + section + "\n" + card[at:]
+    card_path.write_text(card)
 
 
 def tested_versions() -> str:

@@ -17,7 +17,9 @@ from kvconvert.evaluate import (
     cache_bytes,
     copy_prompt,
     evaluate,
+    format_table,
     is_kvconvert_output,
+    plot_figure,
     write_plot,
 )
 from tests.conftest import FAST, ROOT
@@ -112,6 +114,40 @@ def test_plot_is_written(halved_doc, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_reads_with_several_models(halved_doc):
+    """Names in a legend (never overlapping labels), bytes at the stated context (PoD's saving
+    shows there, not per token), one colour scale for every heatmap."""
+    pytest.importorskip("matplotlib")
+    import copy
+
+    doc = copy.deepcopy(halved_doc)
+    twin = copy.deepcopy(doc["models"][1])
+    twin["name"] += "-twin"
+    for layer in twin["conversion"]["layers"]:
+        layer["key_error"] = 3 * layer["key_error"] + 1.0
+    doc["models"].append(twin)
+    fig = plot_figure(doc)
+    top, *maps = fig.axes[: 1 + 2]
+    assert not top.texts  # no annotations next to the points
+    names = [t.get_text() for t in top.get_legend().get_texts()]
+    assert len(names) == 3 and names[0].endswith("(original)")
+    assert f"at {doc['settings']['context']} tokens" in top.get_xlabel()
+    clims = {tuple(a.images[0].get_clim()) for a in maps}
+    assert len(clims) == 1  # one scale
+    assert sum(1 for a in fig.axes if a.get_label() == "<colorbar>") == 1
+
+
+def test_table_leaves_out_retrieval_the_original_cannot_do(halved_doc):
+    doc = {**halved_doc, "models": [dict(m) for m in halved_doc["models"]]}
+    for m in doc["models"]:
+        m["retrieval"] = {**m["retrieval"], "accuracy": [0.0 for _ in m["retrieval"]["accuracy"]]}
+    table = format_table(doc)
+    assert "retrieval" not in table.splitlines()[0]
+    assert "retrieval left out: the original scores 0" in table
+    doc["models"][0]["retrieval"]["accuracy"][0] = 1.0  # the original can: the column shows
+    assert "retrieval" in format_table(doc).splitlines()[0]
+
+
 class _OddLayer:
     """A custom cache layer: keys for 6 tokens, values for 3, plus a shared tensor."""
 
@@ -160,3 +196,23 @@ def test_bad_settings_are_one_line_errors(tiny_models):
         evaluate(str(tiny_models["llama"]), [], EvalSettings(**SMALL), progress=False)
     r = CliRunner().invoke(main, ["eval", str(tiny_models["llama"]), "/nonexistent/x", "-q"])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+def test_record_writes_fidelity_into_report_and_card(tiny_models, tmp_path):
+    """eval --record: the card's Fidelity section states the measured KL (replaced, never
+    duplicated, on a second run); a PoD card gains the section."""
+    src = tiny_models["llama"]
+    gqa = kvconvert.convert(str(src), str(tmp_path / "gqa"), kv_heads=2, **FAST)
+    pod = kvconvert.convert(str(src), str(tmp_path / "pod"), target="pod", sink=2, recent=4, **FAST)
+    assert "No fidelity measurement" in (gqa / "README.md").read_text()
+    for _ in range(2):
+        r = CliRunner().invoke(
+            main, ["eval", str(src), str(gqa), str(pod), "--record", *SMALL_FLAGS]
+        )
+        assert r.exit_code == 0, r.output
+    for out in (gqa, pod):
+        measured = json.loads((out / "kvconvert.json").read_text())["evaluation"]
+        card = (out / "README.md").read_text()
+        assert card.count("## Fidelity") == 1 and "No fidelity measurement" not in card
+        assert f"| kl nats per token | {measured['kl_nats_per_token']:.4g} |" in card
+        assert "Measured by kvconvert eval" in card and measured["tokens"] == "2 x 16"

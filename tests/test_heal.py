@@ -304,3 +304,12 @@ def test_heal_that_makes_things_worse_keeps_the_unhealed_model(converted, tmp_pa
     err = capsys.readouterr().err
     assert "keeps the unhealed model" in err and "--heal-lr" in err and "--lr" in err
     assert "these weights are the unhealed ones" in (out / "README.md").read_text()
+
+
+def test_healed_card_states_the_healed_fidelity(converted, tmp_path):
+    out = heal(_opts(converted, tmp_path / "h", steps=6, lr=1e-2), progress=False)
+    rep = json.loads((out / "kvconvert.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "No fidelity measurement" not in card and card.count("## Fidelity") == 1
+    kl = rep["heal"][-1]["kl_after"]
+    assert f"| kl nats per token | {round(kl, 6):.4g} |" in card

@@ -513,6 +513,18 @@ class HealRun:
             card = work / "README.md"
             if card.is_file():
                 card.write_text(card.read_text().rstrip("\n") + "\n\n" + card_section(entry))
+            if self.kl_after is not None and self.kl_before is not None:  # the card agrees
+                kl = self.kl_before if self.worse else self.kl_after
+                report_mod.record_fidelity(
+                    work,
+                    {
+                        "measured_by": "kvconvert heal's held-out check",
+                        "kl_nats_per_token": round(kl, 6),
+                        "kl_before_healing": round(self.kl_before, 6),
+                        "data": self.opts.calibration,
+                        "tokens": f"{self.eval_tokens.shape[0]} x {self.opts.seq_len}",
+                    },
+                )
         shutil.rmtree(state_folder(self.output), ignore_errors=True)
         return self.output
 
