@@ -313,3 +313,40 @@ def test_healed_card_states_the_healed_fidelity(converted, tmp_path):
     assert "No fidelity measurement" not in card and card.count("## Fidelity") == 1
     kl = rep["heal"][-1]["kl_after"]
     assert f"| kl nats per token | {round(kl, 6):.4g} |" in card
+
+
+def test_ctrl_c_while_sampling_keeps_the_text_and_resume_continues(
+    converted, tmp_path, monkeypatch
+):
+    """Ctrl-C during the sampling of the training text keeps the batches sampled so far;
+    --resume samples the rest and ends bit-identical to an uninterrupted run."""
+    import kvconvert.heal.run as run_mod
+
+    monkeypatch.setattr(run_mod, "SAMPLE_BATCH", 8)  # 20 sequences: three batches
+    full = heal(_opts(converted, tmp_path / "full", steps=4), progress=False)
+    sample, calls = run_mod.sample_from_model, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "sample_from_model", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        heal(_opts(converted, out, steps=4), progress=False)
+    saved = torch.load(state_folder(out) / "sampled.pt", weights_only=True)
+    assert len(saved["tokens"]) == 1 and not out.exists()
+    monkeypatch.setattr(run_mod, "sample_from_model", sample)
+    with pytest.raises(KVConvertError, match="holds an interrupted heal; add --resume"):
+        heal(_opts(converted, out, steps=4), progress=False)
+    heal(_opts(converted, out, steps=4, resume=True), progress=False)
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not state_folder(out).exists()
+
+
+def test_heal_resume_with_nothing_saved_is_refused(converted, tmp_path):
+    with pytest.raises(KVConvertError, match="no interrupted heal to resume"):
+        heal(_opts(converted, tmp_path / "o", steps=2, resume=True), progress=False)

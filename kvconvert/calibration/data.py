@@ -171,15 +171,17 @@ def sample_from_model(
     seed: int,
     progress: Any = None,
     estimate: Estimate | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sample ``num_samples`` sequences of ``seq_len`` tokens from ``model``, BOS first, T=1.
 
     A plain ancestral-sampling loop with the KV cache: EOS does not stop a sequence, so every
     sample has the full length, and a seeded generator on the model's device makes it
-    reproducible.
+    reproducible. ``generator`` (instead of ``seed``): continue one that earlier calls drew
+    from, so sampling in several calls gives the same text as one call.
     """
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, num_samples, batch_size):
         bs = min(batch_size, num_samples - start)

@@ -257,14 +257,7 @@ class HealRun:
         o = self.opts
         n = self.training_sequences() + o.eval_samples
         if o.calibration == "self":
-            bos = bos_token_id(self.original, read_config(self.original), None)
-            batch = min(SAMPLE_BATCH, n)
-            steps = -(-n // batch) * (o.seq_len - 1)
-            eta = Estimate("sampling training text", steps, "decode steps", enabled=self.progress)
-            with tqdm(
-                total=n, desc="sampling training text", unit="seq", disable=not self.progress
-            ) as bar:
-                tokens = sample_from_model(self.teacher, bos, n, o.seq_len, batch, o.seed, bar, eta)
+            tokens = self._sample_tokens(n)
         else:
             docs = load_documents(o.calibration, o.text_field)
             needs_tok = any(isinstance(d, str) for d in docs)
@@ -277,6 +270,62 @@ class HealRun:
                     f"--eval-samples {o.eval_samples} leaves none to train on"
                 )
         return tokens.cpu()
+
+    def _sample_tokens(self, n: int) -> torch.Tensor:
+        """``n`` sequences sampled from the original, one batch at a time from one generator.
+
+        After each batch the sequences so far and the generator's state are kept in memory;
+        Ctrl-C saves them in the state folder (``sampled.pt``) and ``--resume`` continues from
+        there, giving the same text as an uninterrupted run."""
+        o = self.opts
+        bos = bos_token_id(self.original, read_config(self.original), None)
+        batch = min(SAMPLE_BATCH, n)
+        key = {"seed": o.seed, "seq_len": o.seq_len, "sequences": n, "batch": batch}
+        gen = torch.Generator(device=self.teacher_device).manual_seed(o.seed)
+        done: list[torch.Tensor] = []
+        path = state_folder(self.output) / "sampled.pt"
+        if o.resume and path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["key"] != key:
+                raise KVConvertError(
+                    f"--resume: the text sampled in {path.parent} was for other options "
+                    f"({saved['key']}); rerun with the same options, or --overwrite to start over"
+                )
+            done = list(saved["tokens"])
+            gen.set_state(saved["generator"])
+        kept = gen.get_state()
+        steps = -(-(n - batch * len(done)) // batch) * (o.seq_len - 1)
+        eta = Estimate("sampling training text", steps, "decode steps", enabled=self.progress)
+        with tqdm(
+            total=n,
+            initial=batch * len(done),
+            desc="sampling training text",
+            unit="seq",
+            disable=not self.progress,
+        ) as bar:
+            try:
+                for start in range(batch * len(done), n, batch):
+                    bs = min(batch, n - start)
+                    done.append(
+                        sample_from_model(
+                            self.teacher, bos, bs, o.seq_len, bs, o.seed, bar, eta, gen
+                        ).cpu()
+                    )
+                    kept = gen.get_state()
+            except KeyboardInterrupt:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(
+                    {"key": key, "tokens": done, "generator": kept}, path.with_suffix(".tmp")
+                )
+                os.replace(path.with_suffix(".tmp"), path)
+                print(
+                    f"interrupted while sampling; {batch * len(done)} of {n} sequences kept in "
+                    f"{path.parent}: rerun with --resume to continue",
+                    file=sys.stderr,
+                )
+                raise
+        path.unlink(missing_ok=True)
+        return torch.cat(done)
 
     def micro_batch(self, k: int) -> torch.Tensor:
         """The k-th micro-batch: the data cycled through in a fresh seeded order each epoch.
@@ -666,11 +715,12 @@ def heal(
     output = Path(opts.output).expanduser()
     check_output(output, opts.overwrite)
     saved = state_folder(output) / "state.pt"
-    if opts.resume and not saved.is_file():
+    sampled = saved.with_name("sampled.pt")  # interrupted while sampling the training text
+    if opts.resume and not (saved.is_file() or sampled.is_file()):
         raise KVConvertError(
             f"--resume: there is no interrupted heal to resume ({saved.parent} is absent)"
         )
-    if saved.is_file() and not opts.resume and not opts.overwrite:
+    if (saved.is_file() or sampled.is_file()) and not opts.resume and not opts.overwrite:
         raise KVConvertError(
             f"{saved.parent} holds an interrupted heal; add --resume to continue it, or "
             "--overwrite to discard it and start over"
@@ -682,7 +732,7 @@ def heal(
     try:
         resumed = run.load_state() if opts.resume else False
         if not resumed:
-            if run.rank == 0:
+            if run.rank == 0 and not (opts.resume and sampled.is_file()):
                 shutil.rmtree(state_folder(output), ignore_errors=True)
             run.make_data()
             run.kl_before = run.evaluate() if run.rank == 0 else None
