@@ -189,7 +189,7 @@ def model_card(
         "",
         "## Fidelity",
         "",
-        *_fidelity(report),
+        *fidelity_lines(report),
         "",
         "## How to load",
         "",
@@ -266,7 +266,7 @@ def _what_was_done(report: dict[str, Any], kind: str) -> list[str]:
     return out
 
 
-def _fidelity(report: dict[str, Any]) -> list[str]:
+def fidelity_lines(report: dict[str, Any]) -> list[str]:
     """The measured fidelity, if the report carries one (``fidelity`` / ``evaluation``)."""
     measured = report.get("fidelity") or report.get("evaluation")
     if not isinstance(measured, dict) or not measured:
@@ -303,7 +303,7 @@ def record_fidelity(folder: Path, measured: dict[str, Any]) -> None:
     if not card_path.is_file():
         return
     card = card_path.read_text()
-    section = "## Fidelity\n\n" + "\n".join(_fidelity(rep)) + "\n"
+    section = "## Fidelity\n\n" + "\n".join(fidelity_lines(rep)) + "\n"
     start = card.find("## Fidelity\n")
     if start >= 0:
         end = card.find("\n## ", start + 1)

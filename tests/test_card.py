@@ -9,6 +9,7 @@ import yaml
 
 import kvconvert
 from kvconvert.report import model_card
+from tests.conftest import FAST
 
 SOURCE_CARD = """---
 license: other
@@ -127,3 +128,19 @@ def test_local_source_path_never_published(tiny_models, tmp_path):
     )
     card = (given / "README.md").read_text()
     assert str(tmp_path) not in card and front_matter(card)["base_model"] == "org/name"
+
+
+def test_pod_card_has_the_gqa_cards_sections(tiny_models, tmp_path):
+    """A PoD card is no thinner than a GQA card: licence carried over, Fidelity, How to load,
+    Reproduce with the full recipe."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], src)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    out = kvconvert.convert(str(src), str(tmp_path / "pod"), target="pod", sink=2, recent=4, **FAST)
+    card = (out / "README.md").read_text()
+    assert front_matter(card)["license"] == "apache-2.0"
+    for section in ("## Fidelity", "## How to load", "## Reproduce", "```yaml"):
+        assert section in card, section
+    recipe = (out / "recipe.yaml").read_text()
+    assert f"model: {src}" in recipe  # reruns from anywhere; the card names the folder only
+    assert "target: pod" in card and "model: src" in card and str(tmp_path) not in card

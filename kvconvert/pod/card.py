@@ -7,15 +7,25 @@ from typing import Any
 from .. import report as report_mod
 
 
-def pod_model_card(report: dict[str, Any], base_model: str | None) -> str:
+def pod_model_card(
+    report: dict[str, Any],
+    base_model: str | None,
+    source_card: dict[str, Any] | None = None,
+    recipe_yaml: str | None = None,
+) -> str:
+    """The card of a PoD output: what was shared, fidelity, how to load, how to redo (the
+    same sections as a GQA card; ``source_card``'s licence is carried over)."""
     from huggingface_hub import ModelCardData
 
     src, tgt = report["source"], report["target"]
+    carried = {k: v for k, v in (source_card or {}).items() if k in report_mod.CARRIED_KEYS and v}
     data = ModelCardData(
         base_model=base_model,
         base_model_relation="finetune" if base_model else None,
         library_name="transformers",
+        pipeline_tag="text-generation",
         tags=["kvconvert", "pod"],
+        **carried,
     )
     name = src["model"].rstrip("/").split("/")[-1]
     lines = [
@@ -42,6 +52,12 @@ def pod_model_card(report: dict[str, Any], base_model: str | None) -> str:
         f"- Layer map ({tgt['map_from']}), blocks per KV head: {tgt['blocks']}",
         f"- Predicted KV cache saving at {tgt['context']} tokens: {tgt['predicted_kv_saving']:.1%}",
         "",
+        "## Fidelity",
+        "",
+        *report_mod.fidelity_lines(report),
+        "",
+        "## How to load",
+        "",
         "It needs the PoD modeling code shipped in this folder:",
         "",
         report_mod.tested_versions(),
@@ -51,11 +67,21 @@ def pod_model_card(report: dict[str, Any], base_model: str | None) -> str:
         'model = AutoModelForCausalLM.from_pretrained("path/or/repo", trust_remote_code=True)',
         "```",
         "",
-        "Reproduce with:",
+        "## Reproduce",
         "",
         "```",
         report["command"],
         "```",
         "",
     ]
+    if recipe_yaml:
+        lines += [
+            "The full recipe (`recipe.yaml` in this folder; `kvconvert --recipe recipe.yaml -o "
+            "OUT` reproduces this output from the same source):",
+            "",
+            "```yaml",
+            recipe_yaml.rstrip(),
+            "```",
+            "",
+        ]
     return "\n".join(lines)

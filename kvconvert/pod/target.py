@@ -235,6 +235,11 @@ class PodTarget(Target):
             before = gqa["kv_bytes_per_token"]["before"]
             rep["kv_bytes"]["at_context"]["original"] = before // L * tokens
         write_json(work / "kvconvert.json", rep)
-        report_mod.write_recipe(work, recipe, rep, src.folder)
-        card = pod_model_card(rep, report_mod.base_model_id(recipe, src.config))
+        text = report_mod.write_recipe(work, recipe, rep, src.folder)
+        card = pod_model_card(
+            rep,
+            report_mod.base_model_id(recipe, src.config),
+            report_mod.source_card_metadata(src.folder),
+            text,
+        )
         (work / "README.md").write_text(report_mod.without_local_paths(card, recipe))
