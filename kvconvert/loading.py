@@ -29,10 +29,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, fallback: torch.dtype) -> torch.dtype:
-    return fallback if name == "auto" else getattr(torch, name)
-
-
 def output_dtype(name: str) -> torch.dtype | None:
     """The output's float dtype from ``--dtype`` (None: keep each tensor's stored dtype)."""
     return None if name == "auto" else getattr(torch, name)

@@ -103,8 +103,6 @@ def _convert(
     if recipe.target == "gqa,pod":
         single_process("--target gqa,pod")
         return _merge_then_pod(recipe, src, output, progress, command, t0)
-    if recipe.target == "pod":
-        single_process("--target pod")
     target = target_class(recipe.target)(src, recipe)
     if sequential.applies(target, recipe):  # bounded memory, resume, dry run, torchrun
         return sequential.run(target, recipe, src, output, progress, command, t0)

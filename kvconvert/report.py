@@ -12,6 +12,7 @@ import torch
 
 from .compat import NEWEST_TESTED_TRANSFORMERS, OLDEST_TRANSFORMERS
 from .recipe import HUB_ID, Recipe, recipe_to_yaml
+from .writer import write_json
 
 if TYPE_CHECKING:
     from .source import Source
@@ -298,7 +299,7 @@ def record_fidelity(folder: Path, measured: dict[str, Any]) -> None:
     path = folder / "kvconvert.json"
     rep = json.loads(path.read_text())
     rep["evaluation"] = measured
-    path.write_text(json.dumps(rep, indent=2) + "\n")
+    write_json(path, rep)
     card_path = folder / "README.md"
     if not card_path.is_file():
         return

@@ -83,6 +83,10 @@ class Target:
         the report keeps of the layer."""
         raise NotImplementedError(f"--target {self.name} does not run layer by layer")
 
+    def dry_run_lines(self, out_dtype: torch.dtype | None) -> list[str]:
+        """What ``--dry-run`` prints about the target (the engine adds cost and memory)."""
+        raise NotImplementedError(f"--target {self.name} does not run layer by layer")
+
     # --- both ------------------------------------------------------------------------------
     def finish(
         self,

@@ -253,11 +253,9 @@ def check_output(output: Path, overwrite: bool) -> None:
         )
 
 
-class _Held:
-    """Locks this process holds: path -> [file descriptor, depth] (a run that composes runs,
-    e.g. convert-then-heal, takes the same output's lock again)."""
-
-    locks: dict[Path, list[int]] = {}
+#: Output locks this process holds: lock path -> file descriptor. A run that composes runs
+#: (convert-then-heal) takes its output's lock again; the inner take is a no-op.
+_HELD_LOCKS: dict[Path, int] = {}
 
 
 def lock_path(output: Path) -> Path:
@@ -274,15 +272,8 @@ def output_lock(output: Path) -> Iterator[None]:
     missing (Windows) no lock is taken.
     """
     path = lock_path(output.expanduser().resolve())
-    held = _Held.locks.get(path)
-    if held is not None or fcntl is None or int(os.environ.get("RANK", "0")) != 0:
-        if held is not None:
-            held[1] += 1
-        try:
-            yield
-        finally:
-            if held is not None:
-                held[1] -= 1
+    if path in _HELD_LOCKS or fcntl is None or int(os.environ.get("RANK", "0")) != 0:
+        yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -305,11 +296,11 @@ def output_lock(output: Path) -> Iterator[None]:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}".encode())
-    _Held.locks[path] = [fd, 1]
+    _HELD_LOCKS[path] = fd
     try:
         yield
     finally:
-        del _Held.locks[path]
+        del _HELD_LOCKS[path]
         try:
             os.unlink(path)
         finally:
