@@ -22,6 +22,7 @@ TARGETS = ("gqa", "pod", "gqa,pod")
 #: a Hub repository id, as a model card's base_model names it
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ROPE_KEYS = ("complex", "real", "project")
+FORMATS = ("auto", "deci", "kvconvert")
 OBJECTIVES = ("output", "plain")
 PIPELINES = ("auto", "sequential", "whole")
 PROPAGATE = ("original", "converted")
@@ -73,6 +74,14 @@ class Recipe:
     )
     budget_samples: int = option(
         8, "Calibration sequences used to measure layer sensitivities for --kv-budget.", type=int
+    )
+    format: str = option(
+        "auto",
+        "Layout of a per-layer output (KV heads differ between layers): deci is the "
+        "DeciLM/Nemotron-NAS layout that vLLM and llama.cpp load; kvconvert is kvconvert's own "
+        "model code (also carries --rope-keys project). auto: deci where the model fits it, "
+        "else kvconvert, saying why. Uniform outputs are always the stock architecture.",
+        FORMATS,
     )
     method: str = option(
         "svd",
@@ -235,6 +244,14 @@ class Recipe:
             raise KVConvertError(
                 "kv_heads: --target gqa,pod needs --kv-heads N (uniform heads; per-layer budgets "
                 "and --rope-keys project are not combined with PoD)"
+            )
+        if self.format != "auto" and self.target != "gqa":
+            raise KVConvertError(f"format: --format applies to --target gqa, not {self.target}")
+        if self.format == "deci" and (self.kv_heads is not None or self.rope_keys == "project"):
+            raise KVConvertError(
+                "format: --format deci is for per-layer KV heads (--kv-budget, "
+                "--kv-heads-per-layer) without --rope-keys project; with --kv-heads N every "
+                "layer keeps N heads and the output is the stock architecture"
             )
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise KVConvertError(f"kv_budget: must be in (0, 1], got {self.kv_budget!r}")

@@ -194,7 +194,7 @@ def model_card(
         "",
         "## How to load",
         "",
-        *_how_to_load(remote_code),
+        *_how_to_load(remote_code, deci=tgt.get("format") == "deci"),
         "",
         "## Reproduce",
         "",
@@ -326,8 +326,17 @@ def tested_versions() -> str:
     )
 
 
-def _how_to_load(remote_code: bool) -> list[str]:
-    if remote_code:
+def _how_to_load(remote_code: bool, deci: bool = False) -> list[str]:
+    if deci:
+        intro = (
+            "The layers keep different numbers of KV heads, in the DeciLM / Nemotron-NAS layout "
+            "(`DeciLMForCausalLM`, `block_configs` in `config.json`) that vLLM serves "
+            "(`vllm serve FOLDER --trust-remote-code`) and llama.cpp's `convert_hf_to_gguf.py` "
+            "converts. For transformers the checkpoint ships its own modeling code (thin, on "
+            "the stock Llama classes); load it with `trust_remote_code=True` (transformers 5):"
+        )
+        arg = ", trust_remote_code=True"
+    elif remote_code:
         intro = (
             "This checkpoint ships its own modeling code (`auto_map` in `config.json`); load it "
             "with `trust_remote_code=True` (transformers 5):"

@@ -168,6 +168,24 @@ def build(kind: str, folder: Path) -> Path:
     return folder
 
 
+def llama_deci_width(folder: Path) -> Path:
+    """The tiny llama with an MLP of 256 (a multiple of 256, so DeciLM's ffn_mult expresses
+    it): --format auto writes its per-layer outputs in the deci layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(17)
+    common = {k: v for k, v in COMMON.items() if k != "pad_token_id"}
+    cfg = LlamaConfig(
+        **{**common, "intermediate_size": 256},
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
 def gemma2_4layer(folder: Path) -> Path:
     """A 4-layer gemma2 (sliding, full, sliding, full; 2 KV heads): a PoD block of layers 1 and
     3 skips the sliding layer 2."""

@@ -85,7 +85,12 @@ def test_gqa_halved_has_exactly_half_the_measured_kv_bytes(halved_doc):
     assert conv["kv_ratio"] == 0.5
     assert conv["kl"] > 0
     target = conv["conversion"]["target"]
-    assert target == {"kind": "gqa", "num_key_value_heads": 2, "remote_code": False}
+    assert target == {
+        "kind": "gqa",
+        "num_key_value_heads": 2,
+        "remote_code": False,
+        "format": "stock",
+    }
 
 
 def test_cli_json_schema_is_stable_and_documented(tiny_models, halved, tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 import kvconvert
 from tests.conftest import FAST, load, token_ids
-from tests.models import build, gemma2_4layer
+from tests.models import build, gemma2_4layer, llama_deci_width
 
 NEW_TOKENS = 48
 EOS = 2  # every tiny source's eos_token_id
@@ -40,6 +40,7 @@ def arch(name: str) -> Callable[[Path], Path]:
 KINDS: dict[str, tuple[Callable[[Path], Path], dict]] = {
     "gqa": (llama, {"kv_heads": 2, **FAST}),
     "budget": (llama, {"kv_heads_per_layer": "2,1", **FAST}),
+    "deci": (lambda root: llama_deci_width(root / "src"), {"kv_heads_per_layer": "2,1", **FAST}),
     "project": (llama, {"kv_heads": 2, "rope_keys": "project", **FAST}),
     "pod": (llama, {"target": "pod", **POD}),
     "gqa,pod": (llama, {"target": "gqa,pod", "kv_heads": 2, **POD}),

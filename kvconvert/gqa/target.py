@@ -9,6 +9,7 @@ keys. The method is in docs/methods.md.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..calibration.data import batches
 from ..calibration.stats import LayerStats, StatsCollector
 from ..compat import stamp_config
 from ..errors import KVConvertError
+from ..modeling import DECI_FILES
 from ..modeling import export as remote
 from ..recipe import Recipe
 from ..source import Source
@@ -98,6 +100,10 @@ class GQATarget(Target):
     def __init__(self, src: Source, recipe: Recipe):
         super().__init__(src, recipe)
         self.counts = layer_counts(src, recipe)
+        if recipe.format == "deci":
+            unfit = remote.deci_unfit(src.config, self.biases(), recipe.rope_keys == "project")
+            if unfit:
+                raise KVConvertError(f"--format deci: {unfit}")
         self.shape = layer_shape(src)
         self.stats: dict[int, LayerStats] | None = None
         self.allocation: budget_mod.Allocation | None = None
@@ -262,20 +268,41 @@ class GQATarget(Target):
         bar.close()
 
     # --- describing the output -------------------------------------------------------------
+    def biases(self) -> dict[str, bool]:
+        """Which of q/k/v/o carry a bias in the source."""
+        src = self.src
+        return {p: src.stored.tensor_name(0, p, "bias") in src.tensors for p in "qkvo"}
+
     def remote_config(self, counts: list[int]) -> dict[str, Any]:
         src = self.src
         proj = [src.num_kv_heads if self.recipe.rope_keys == "project" else 0] * src.num_layers
-        biases = {p: src.stored.tensor_name(0, p, "bias") in src.tensors for p in "qkvo"}
-        return remote.remote_config(src.config, counts, proj, biases)
+        return remote.remote_config(src.config, counts, proj, self.biases())
 
-    def report(self, use_remote: bool) -> dict[str, Any]:
-        """kvconvert.json "target": per-layer counts, key projection, the budget's evidence."""
+    def layout(self, counts: list[int]) -> tuple[str, str | None]:
+        """The output's format and, when --format auto could not use deci, why (one line):
+        "stock" (uniform heads), "deci" (DeciLM layout) or "kvconvert" (own model code)."""
+        if self.src.adapter.remote_family is not None:
+            return "kvconvert", None  # the architecture's GQA needs kvconvert's model code
+        if not needs_remote_code(self.recipe, counts):
+            return "stock", None
+        if self.recipe.format == "kvconvert":
+            return "kvconvert", None
+        projected = self.recipe.rope_keys == "project"
+        unfit = remote.deci_unfit(self.src.config, self.biases(), projected)
+        return ("kvconvert", f"not the deci layout: {unfit}") if unfit else ("deci", None)
+
+    def report(self, layout: str, note: str | None) -> dict[str, Any]:
+        """kvconvert.json "target": per-layer counts, format, key projection, the budget's
+        evidence."""
         counts, src, recipe = self.counts, self.src, self.recipe
         out: dict[str, Any] = {
             "kind": "gqa",
             "num_key_value_heads": counts[0] if len(set(counts)) == 1 else counts,
-            "remote_code": use_remote,
+            "remote_code": layout != "stock",
+            "format": layout,
         }
+        if note:
+            out["format_note"] = note
         if recipe.rope_keys == "project":
             out["key_projection_heads"] = [src.num_kv_heads] * src.num_layers
         if self.allocation is not None:
@@ -317,11 +344,16 @@ class GQATarget(Target):
         src, recipe, counts = self.src, self.recipe, self.counts
         results = self.results if results is None else results
         family = src.adapter.remote_family  # the architecture's GQA needs kvconvert's model code
-        use_remote = family is not None or needs_remote_code(recipe, counts)
+        layout, note = self.layout(counts)
+        if note:
+            print(f"format: {note}; writing kvconvert's own model code", file=sys.stderr)
         if family is not None:
             config = remote.family_config(src.config, family, counts[0])
             model_files = remote.copy_model_files(work, family.files)
-        elif use_remote:
+        elif layout == "deci":
+            config = remote.deci_config(src.config, counts)
+            model_files = remote.copy_model_files(work, DECI_FILES)
+        elif layout == "kvconvert":
             config = self.remote_config(counts)
             model_files = remote.copy_model_files(work)
         else:
@@ -335,7 +367,7 @@ class GQATarget(Target):
         final_dtype = out_dtype or src.dtype
         rep = {
             **report_mod.report_header(recipe, src, command),
-            "target": self.report(use_remote),
+            "target": self.report(layout, note),
             "calibration": calibration,
             "layers": [
                 {

@@ -18,6 +18,14 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_kvconvert.KVConvertForCausalLM",
 }
 
+#: the DeciLM / Nemotron-NAS layout for per-layer KV heads (docs/serving.md)
+DECI_FILES = ("configuration_kvconvert_deci.py", "modeling_kvconvert_deci.py")
+DECI_AUTO_MAP = {
+    "AutoConfig": "configuration_kvconvert_deci.KVConvertDeciConfig",
+    "AutoModel": "modeling_kvconvert_deci.KVConvertDeciModel",
+    "AutoModelForCausalLM": "modeling_kvconvert_deci.KVConvertDeciForCausalLM",
+}
+
 
 @dataclass(frozen=True)
 class RemoteFamily:

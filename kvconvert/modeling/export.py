@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import AUTO_MAP, FILES, FOLDER, RemoteFamily
+from . import AUTO_MAP, DECI_AUTO_MAP, FILES, FOLDER, RemoteFamily
 
 #: model_types whose decoder the remote-code model reproduces (RMSNorm, gated MLP, RoPE).
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -51,6 +51,79 @@ def remote_config(
         key_projection_heads=[int(p) for p in key_projection_heads],
         layer_types=types,
         **{f"{p}_bias": bool(biases.get(p, False)) for p in "qkvo"},
+    )
+    return out
+
+
+#: RoPE kinds llama.cpp's DeciLM converter carries over (it writes llama3 frequency factors
+#: and ignores any other scaling)
+DECI_ROPE_TYPES = (None, "default", "llama3")
+
+
+def deci_unfit(config: dict[str, Any], biases: dict[str, bool], projected: bool) -> str | None:
+    """Why an output of the source ``config`` cannot take the DeciLM / Nemotron-NAS layout
+    (one line), or None when it can. The layout is a Llama decoder without biases whose MLP
+    width is ``ffn_mult``'s rounding rule and whose key length is hidden_size / heads (what
+    llama.cpp's converter assumes)."""
+    if config.get("model_type") not in SUPPORTED:
+        return f"the DeciLM layout is a Llama decoder; this model is {config.get('model_type')!r}"
+    if projected:
+        return "--rope-keys project has no DeciLM equivalent"
+    with_bias = [p for p in "qkvo" if biases.get(p)] + (["mlp"] if config.get("mlp_bias") else [])
+    if with_bias:
+        return f"the DeciLM layout has no biases; this model has {', '.join(with_bias)} biases"
+    if "sliding_attention" in layer_types(config):
+        return "the DeciLM layout has no sliding-window layers"
+    if config.get("hidden_act", "silu") != "silu":
+        return f"the DeciLM layout uses SiLU; this model uses {config.get('hidden_act')!r}"
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if head_dim * heads != hidden:
+        return (
+            f"head_dim {head_dim} x {heads} heads is not hidden_size {hidden} (llama.cpp "
+            "derives the DeciLM key length from hidden_size / heads)"
+        )
+    from .configuration_kvconvert_deci import ffn_mult_to_intermediate_size
+
+    width = int(config["intermediate_size"])
+    if ffn_mult_to_intermediate_size(ffn_mult(config), hidden) != width:
+        return (
+            f"the MLP width {width} is not a multiple of 256, so DeciLM's ffn_mult cannot "
+            "express it"
+        )
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) not in DECI_ROPE_TYPES:
+        return f"llama.cpp's DeciLM converter drops {rope.get('rope_type')!r} RoPE scaling"
+    return None
+
+
+def ffn_mult(config: dict[str, Any]) -> float:
+    """DeciLM's MLP multiplier for the source's width: width = 2/3 x mult x hidden."""
+    return 3 * int(config["intermediate_size"]) / (2 * int(config["hidden_size"]))
+
+
+def deci_config(config: dict[str, Any], kv_heads: list[int]) -> dict[str, Any]:
+    """config.json in the DeciLM / Nemotron-NAS layout for a Llama ``config`` whose layers keep
+    ``kv_heads``: the source's keys (rope, token ids, sizes) plus one ``block_configs`` entry
+    per layer. Call :func:`deci_unfit` first."""
+    drop = (*_DROP, "num_key_value_heads", "sliding_window", "max_window_layers", "layer_types")
+    out = {k: v for k, v in config.items() if k not in drop}
+    heads, mult = int(config["num_attention_heads"]), ffn_mult(config)
+    out.update(
+        model_type="nemotron-nas",
+        architectures=["DeciLMForCausalLM"],
+        auto_map=dict(DECI_AUTO_MAP),
+        block_configs=[
+            {
+                "attention": {
+                    "n_heads_in_group": heads // int(g),
+                    "no_op": False,
+                    "replace_with_linear": False,
+                },
+                "ffn": {"ffn_mult": mult, "no_op": False, "replace_with_linear": False},
+            }
+            for g in kv_heads
+        ],
     )
     return out
 
