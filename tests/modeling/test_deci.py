@@ -144,3 +144,17 @@ def test_format_deci_refused_before_loading(tiny_models, tmp_path, monkeypatch):
         kvconvert.convert(
             str(tiny_models["llama"]), str(tmp_path / "p"), target="pod", format="deci", **FAST
         )
+
+
+def test_check_passes_with_the_reported_cache_bytes(pair):
+    """``kvconvert check``: generate() agrees with the uncached forward and the cache holds
+    the bytes kvconvert.json promises (per-layer heads 2 and 1)."""
+    from kvconvert.check import check
+
+    _, deci, _ = pair
+    res = check(deci, new_tokens=8)
+    assert res.ok, res.problems
+    assert res.model_class == "KVConvertDeciForCausalLM"
+    per_token = json.loads((deci / "kvconvert.json").read_text())["kv_bytes_per_token"]["after"]
+    assert per_token == 2 * (2 + 1) * 16 * 4  # keys + values, 3 KV heads in all, float32
+    assert res.bytes == res.expected_bytes == per_token * res.prompt_tokens
