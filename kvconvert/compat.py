@@ -1,4 +1,4 @@
-"""The KV cache's name in the installed transformers, for kvconvert's own calls.
+"""The KV cache's name in the installed transformers, for kvconvert's own calls, and its size.
 
 transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
 ``cache`` (the old name warns until its removal). kvconvert supports both sides of the rename
@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 from typing import Any
 
+import torch
 import transformers
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -50,3 +51,37 @@ def stamp_config(config: dict[str, Any]) -> dict[str, Any]:
     config carries the version that saved the source)."""
     config["transformers_version"] = transformers.__version__
     return config
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of every tensor held by a cache's layers (each distinct tensor counted once).
+
+    Works for ``DynamicCache`` and for custom caches whose layers hold other or differently
+    sized tensors (e.g. PoD layers that keep values only), and for legacy tuple caches.
+    0-dim tensors (counters such as a sliding layer's window size) are not cache storage.
+    """
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    total = 0
+
+    def add(obj: Any, depth: int = 0) -> None:
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            key = (obj.data_ptr(), tuple(obj.shape))
+            if obj.dim() and obj.numel() and key not in seen:  # 0-dim: bookkeeping scalars
+                seen.add(key)
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, (list, tuple)) and depth < 3:
+            for x in obj:
+                add(x, depth + 1)
+        elif isinstance(obj, dict) and depth < 3:
+            for x in obj.values():
+                add(x, depth + 1)
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # legacy: tuple of (keys, values) per layer
+        add(cache)
+        return total
+    for layer in layers:
+        for value in vars(layer).values():
+            add(value)
+    return total

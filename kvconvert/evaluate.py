@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .compat import cache_kwargs, output_cache
+from .compat import cache_bytes, cache_kwargs, output_cache
 from .errors import KVConvertError
 from .recipe import DEVICES, DTYPES, option
 from .report import record_fidelity
@@ -201,40 +201,6 @@ def fidelity(
         n_kl += b.numel()
         n_nll += b[:, 1:].numel()
     return {"kl": kl / max(n_kl, 1), "nll_reference": nll_r / n_nll, "nll": nll_c / n_nll}
-
-
-def cache_bytes(cache: Any) -> int:
-    """Bytes of every tensor held by a cache's layers (each distinct tensor counted once).
-
-    Works for ``DynamicCache`` and for custom caches whose layers hold other or differently
-    sized tensors (e.g. PoD layers that keep values only), and for legacy tuple caches.
-    0-dim tensors (counters such as a sliding layer's window size) are not cache storage.
-    """
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    total = 0
-
-    def add(obj: Any, depth: int = 0) -> None:
-        nonlocal total
-        if isinstance(obj, torch.Tensor):
-            key = (obj.data_ptr(), tuple(obj.shape))
-            if obj.dim() and obj.numel() and key not in seen:  # 0-dim: bookkeeping scalars
-                seen.add(key)
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, (list, tuple)) and depth < 3:
-            for x in obj:
-                add(x, depth + 1)
-        elif isinstance(obj, dict) and depth < 3:
-            for x in obj.values():
-                add(x, depth + 1)
-
-    layers = getattr(cache, "layers", None)
-    if layers is None:  # legacy: tuple of (keys, values) per layer
-        add(cache)
-        return total
-    for layer in layers:
-        for value in vars(layer).values():
-            add(value)
-    return total
 
 
 @torch.inference_mode()
@@ -436,6 +402,7 @@ def evaluation_tokens(
     settings: EvalSettings, model: torch.nn.Module, folder: Path, tokenizer: Any | None, bos: int
 ) -> torch.Tensor:
     from .calibration.data import (
+        decode_batch,
         load_documents,
         sample_from_model,
         tokenize_documents,
@@ -443,9 +410,9 @@ def evaluation_tokens(
     )
 
     if settings.data == "self":
-        return sample_from_model(
-            model, bos, settings.num_samples, settings.seq_len, settings.batch_size, settings.seed
-        ).cpu()
+        n, length = settings.num_samples, settings.seq_len
+        batch = decode_batch(model, bos, n, length, settings.batch_size)
+        return sample_from_model(model, bos, n, length, batch, settings.seed).cpu()
     docs = load_documents(settings.data, settings.text_field)
     vocab = vocab_size(json.loads((folder / "config.json").read_text()))
     return tokenize_documents(

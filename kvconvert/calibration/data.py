@@ -9,6 +9,7 @@ and cut into ``seq_len`` windows, so every batch is dense (no padding to mask).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from ..compat import cache_kwargs, output_cache
+from ..compat import cache_bytes, cache_kwargs, output_cache
 from ..errors import KVConvertError
 from ..eta import Estimate
 from ..loading import bos_token_id, load_tokenizer
@@ -161,6 +162,38 @@ def tokenize_documents(
     return tokens
 
 
+#: Memory the KV caches of sequences sampled together may take. A decode step costs about the
+#: same for 1 or 32 sequences until the device's compute saturates (each step reads all the
+#: weights once), so sampling decodes as many sequences together as fit in this.
+SAMPLING_CACHE_BYTES = 2 * 2**30
+
+
+def sequence_uniforms(seed: int, first: int, n: int, steps: int) -> torch.Tensor:
+    """(n, steps) uniform draws in [0, 1): row j is sequence ``first + j``'s own stream, a
+    function of (seed, first + j) only, so a sequence's text does not depend on which
+    sequences were sampled with it or before it."""
+    rows = []
+    for index in range(first, first + n):  # torch's CPU generator keeps 32 bits of a seed
+        key = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+        rows.append(torch.rand(steps, generator=gen, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.empty(0, steps, dtype=torch.float64)
+
+
+@torch.inference_mode()
+def decode_batch(
+    model: torch.nn.Module, bos_token_id: int, n: int, seq_len: int, least: int
+) -> int:
+    """Sequences to sample together: all ``n`` if their caches at ``seq_len`` tokens fit in
+    ``SAMPLING_CACHE_BYTES``, else as many as fit, never fewer than ``least``. The cache's
+    size per token is measured on one BOS token (any architecture, any cache layout)."""
+    device = next(model.parameters()).device
+    ids = torch.full((1, 1), int(bos_token_id), dtype=torch.long, device=device)
+    per_token = cache_bytes(output_cache(model(input_ids=ids, use_cache=True)))
+    fit = SAMPLING_CACHE_BYTES // max(1, per_token * seq_len)
+    return max(1, min(n, max(least, fit)))
+
+
 @torch.inference_mode()
 def sample_from_model(
     model: torch.nn.Module,
@@ -171,28 +204,31 @@ def sample_from_model(
     seed: int,
     progress: Any = None,
     estimate: Estimate | None = None,
-    generator: torch.Generator | None = None,
+    first: int = 0,
 ) -> torch.Tensor:
     """Sample ``num_samples`` sequences of ``seq_len`` tokens from ``model``, BOS first, T=1.
 
-    A plain ancestral-sampling loop with the KV cache: EOS does not stop a sequence, so every
-    sample has the full length, and a seeded generator on the model's device makes it
-    reproducible. ``generator`` (instead of ``seed``): continue one that earlier calls drew
-    from, so sampling in several calls gives the same text as one call.
+    A plain ancestral-sampling loop with the KV cache, ``batch_size`` sequences decoding
+    together: EOS does not stop a sequence, so every sample has the full length. Each token
+    is drawn by inverting the cumulative distribution at the sequence's own seeded uniform
+    (``sequence_uniforms``), so the text depends on (seed, sequence index) and not on the batch
+    size; ``first`` is the index of the first sequence (sampling in several calls gives the
+    same text as one call).
     """
     device = next(model.parameters()).device
-    gen = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, num_samples, batch_size):
         bs = min(batch_size, num_samples - start)
+        draws = sequence_uniforms(seed, first + start, bs, seq_len - 1).to(device)
         ids = torch.full((bs, 1), int(bos_token_id), dtype=torch.long, device=device)
         seq = [ids]
         cache = None
-        for _ in range(seq_len - 1):
+        for t in range(seq_len - 1):
             res = model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
             cache = output_cache(res)
-            probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
-            ids = torch.multinomial(probs, 1, generator=gen)
+            cdf = torch.softmax(res.logits[:, -1].double(), dim=-1).cumsum(-1)
+            u = (draws[:, t] * cdf[:, -1]).unsqueeze(-1)
+            ids = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
             seq.append(ids)
             if estimate is not None:
                 estimate.update()
@@ -216,7 +252,8 @@ def calibration_tokens(
         if model is None:
             raise ValueError("--calibration self samples from the model: pass it")
         bos = bos_token_id(src.folder, src.config, None)
-        n, length, batch = recipe.num_samples, recipe.seq_len, recipe.batch_size
+        n, length = recipe.num_samples, recipe.seq_len
+        batch = decode_batch(model, bos, n, length, recipe.batch_size)
         steps = -(-n // batch) * (length - 1)
         eta = Estimate("sampling calibration", steps, "decode steps", enabled=progress)
         with tqdm(total=n, desc="sampling calibration", unit="seq", disable=not progress) as bar:

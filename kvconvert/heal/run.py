@@ -272,16 +272,16 @@ class HealRun:
         return tokens.cpu()
 
     def _sample_tokens(self, n: int) -> torch.Tensor:
-        """``n`` sequences sampled from the original, one batch at a time from one generator.
+        """``n`` sequences sampled from the original, one batch at a time.
 
-        After each batch the sequences so far and the generator's state are kept in memory;
-        Ctrl-C saves them in the state folder (``sampled.pt``) and ``--resume`` continues from
-        there, giving the same text as an uninterrupted run."""
+        After each batch the sequences so far are kept in memory; Ctrl-C saves them in the
+        state folder (``sampled.pt``) and ``--resume`` continues from there. Each sequence's
+        text depends only on the seed and its index (``sample_from_model``), so the result is
+        the text of an uninterrupted run."""
         o = self.opts
         bos = bos_token_id(self.original, read_config(self.original), None)
         batch = min(SAMPLE_BATCH, n)
-        key = {"seed": o.seed, "seq_len": o.seq_len, "sequences": n, "batch": batch}
-        gen = torch.Generator(device=self.teacher_device).manual_seed(o.seed)
+        key = {"seed": o.seed, "seq_len": o.seq_len, "sequences": n}
         done: list[torch.Tensor] = []
         path = state_folder(self.output) / "sampled.pt"
         if o.resume and path.is_file():
@@ -292,34 +292,31 @@ class HealRun:
                     f"({saved['key']}); rerun with the same options, or --overwrite to start over"
                 )
             done = list(saved["tokens"])
-            gen.set_state(saved["generator"])
-        kept = gen.get_state()
-        steps = -(-(n - batch * len(done)) // batch) * (o.seq_len - 1)
+        have = sum(t.shape[0] for t in done)
+        steps = -(-(n - have) // batch) * (o.seq_len - 1)
         eta = Estimate("sampling training text", steps, "decode steps", enabled=self.progress)
         with tqdm(
             total=n,
-            initial=batch * len(done),
+            initial=have,
             desc="sampling training text",
             unit="seq",
             disable=not self.progress,
         ) as bar:
             try:
-                for start in range(batch * len(done), n, batch):
+                for start in range(have, n, batch):
                     bs = min(batch, n - start)
                     done.append(
                         sample_from_model(
-                            self.teacher, bos, bs, o.seq_len, bs, o.seed, bar, eta, gen
+                            self.teacher, bos, bs, o.seq_len, bs, o.seed, bar, eta, first=start
                         ).cpu()
                     )
-                    kept = gen.get_state()
             except KeyboardInterrupt:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(
-                    {"key": key, "tokens": done, "generator": kept}, path.with_suffix(".tmp")
-                )
+                torch.save({"key": key, "tokens": done}, path.with_suffix(".tmp"))
                 os.replace(path.with_suffix(".tmp"), path)
+                have = sum(t.shape[0] for t in done)
                 print(
-                    f"interrupted while sampling; {batch * len(done)} of {n} sequences kept in "
+                    f"interrupted while sampling; {have} of {n} sequences kept in "
                     f"{path.parent}: rerun with --resume to continue",
                     file=sys.stderr,
                 )

@@ -103,3 +103,41 @@ def test_self_sampling_is_seeded_and_full_length(tiny_models):
     c = sample_from_model(m, 1, num_samples=3, seq_len=20, batch_size=2, seed=8)
     assert a.shape == (3, 20) and (a[:, 0] == 1).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_self_sampling_does_not_depend_on_the_batch(tiny_models):
+    """All sequences may decode together: the text is a function of (seed, sequence index)
+    only, so batch size and splitting the work into calls change nothing."""
+    m = load(tiny_models["mistral"])
+    one_by_one = sample_from_model(m, 1, num_samples=5, seq_len=24, batch_size=1, seed=3)
+    together = sample_from_model(m, 1, num_samples=5, seq_len=24, batch_size=5, seed=3)
+    split = torch.cat(
+        [
+            sample_from_model(m, 1, num_samples=2, seq_len=24, batch_size=2, seed=3),
+            sample_from_model(m, 1, num_samples=3, seq_len=24, batch_size=3, seed=3, first=2),
+        ]
+    )
+    assert torch.equal(one_by_one, together) and torch.equal(together, split)
+    assert len({tuple(r) for r in together.tolist()}) == 5  # five different streams
+
+
+@torch.inference_mode()
+def test_self_sampling_follows_the_model_distribution(tiny_models):
+    """The first sampled token's frequencies over 4000 sequences match softmax(logits)."""
+    m = load(tiny_models["llama"])
+    probs = torch.softmax(m(input_ids=torch.tensor([[1]])).logits[0, -1].double(), -1)
+    first = sample_from_model(m, 1, num_samples=4000, seq_len=2, batch_size=4000, seed=0)[:, 1]
+    freq = torch.bincount(first, minlength=probs.numel()).double() / first.numel()
+    assert (freq - probs).abs().max() < 0.025  # about 4 standard errors at p = 0.1
+    assert probs.max() > 0.05  # the check is not vacuous: some token is likely
+
+
+def test_sampling_batch_fits_the_cache_budget(tiny_models, monkeypatch):
+    from kvconvert.calibration import data
+
+    m = load(tiny_models["llama"])  # 2 layers x (K + V) x 4 heads x 16 x 4 bytes = 1024 B/token
+    assert data.decode_batch(m, 1, n=32, seq_len=64, least=8) == 32
+    monkeypatch.setattr(data, "SAMPLING_CACHE_BYTES", 1024 * 64 * 12)  # twelve sequences fit
+    assert data.decode_batch(m, 1, n=32, seq_len=64, least=8) == 12
+    assert data.decode_batch(m, 1, n=32, seq_len=64, least=16) == 16  # never below --batch-size
+    assert data.decode_batch(m, 1, n=5, seq_len=64, least=8) == 5
