@@ -23,6 +23,7 @@ TARGETS = ("gqa", "pod", "gqa,pod")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ROPE_KEYS = ("complex", "real", "project")
 FORMATS = ("auto", "deci", "kvconvert")
+SENSITIVITIES = ("measured", "fisher")
 OBJECTIVES = ("output", "plain")
 PIPELINES = ("auto", "sequential", "whole")
 PROPAGATE = ("original", "converted")
@@ -74,6 +75,13 @@ class Recipe:
     )
     budget_samples: int = option(
         8, "Calibration sequences used to measure layer sensitivities for --kv-budget.", type=int
+    )
+    budget_sensitivity: str = option(
+        "measured",
+        "How --kv-budget finds each layer's sensitivity: measured runs a forward pass per layer "
+        "and candidate head count (exact); fisher estimates all of them from one forward and "
+        "four backward passes (noisier; worth it when layers x candidates is large).",
+        SENSITIVITIES,
     )
     format: str = option(
         "auto",

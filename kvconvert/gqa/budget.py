@@ -135,6 +135,120 @@ def measure_sensitivities(
     return out
 
 
+#: Sequences per forward + backward pass of the Fisher estimate: the pass keeps several
+#: vocabulary-sized tensors per token (logits, log-probabilities, their gradients), 400 MB each
+#: for 8 x 256 tokens of a 49K vocabulary in float32, so it goes two sequences at a time.
+GRADIENT_BATCH = 2
+#: Label draws (backward passes) per sequence: the estimate's noise falls as 1/sqrt(draws x
+#: sequences)
+FISHER_DRAWS = 4
+
+
+@torch.no_grad()
+def fisher_sensitivities(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    attentions: list[torch.nn.Module],
+    candidates: list[int],
+    merged: Callable[[int, int], torch.nn.Module],
+    batch_size: int = 8,
+    draws: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[int, float]]:
+    """The same KL as :func:`measure_sensitivities`, estimated from one forward pass and
+    ``draws`` backward passes instead of a forward per layer and candidate.
+
+    Merging layer i changes its attention output by d_i (the merged module's output minus the
+    original's, on the layer's own input). To second order the KL to the original is the
+    Fisher quadratic form 1/2 E_y[(g_i . d_i)^2], where g_i is the gradient of log p(y) (the
+    sequence's tokens y drawn from the model's own next-token distributions) with respect to
+    layer i's attention output. One backward pass gives g_i for every layer at once; each
+    (layer, candidate) then costs one run of that attention module alone. The estimate is
+    unbiased for the quadratic form; ``draws`` label draws per sequence average its noise.
+    docs/methods.md ("Per-layer KV budgets") compares it with the measured KL.
+    """
+    device = next(model.parameters()).device
+    draws = draws or FISHER_DRAWS
+    n = len(attentions)
+    full = max(candidates)
+    out: list[dict[int, float]] = [{full: 0.0} for _ in range(n)]
+    count = 0
+    gen = torch.Generator(device=device).manual_seed(seed)
+    step = min(batch_size, GRADIENT_BATCH)
+    chunks = [tokens[s : s + step] for s in range(0, tokens.shape[0], step)]
+    merges = n * (len(candidates) - 1)
+    bar = tqdm(total=len(chunks) * (draws + merges), desc="layer sensitivity", disable=not progress)
+    for b in chunks:
+        b = b.to(device).clone()  # an ordinary tensor: ids from inference mode can't be saved
+        seen, grads = _attention_gradients(model, b, attentions, draws, gen)
+        bar.update(draws)
+        for i in range(n):
+            inputs, options, orig = seen[i]
+            for c in candidates:
+                if c == full:
+                    continue
+                module = merged(i, c)
+                new = module(*inputs, **options)
+                delta = (new[0] if isinstance(new, tuple) else new).float() - orig.float()
+                del module
+                for g in grads:
+                    per_seq = (g[i].float() * delta).flatten(1).sum(1)
+                    out[i][c] = out[i].get(c, 0.0) + 0.5 * float((per_seq**2).sum()) / draws
+                bar.update(1)
+        count += b.numel()
+    bar.close()
+    return [{c: v / max(count, 1) if c != full else 0.0 for c, v in s.items()} for s in out]
+
+
+def _attention_gradients(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    attentions: list[torch.nn.Module],
+    draws: int,
+    gen: torch.Generator,
+) -> tuple[list[tuple], list[list[torch.Tensor]]]:
+    """One forward pass over ``ids``, then ``draws`` backward passes of log p(y) for tokens y
+    drawn from the model's own distributions. Returns, per layer, the attention module's
+    inputs and output, and, per draw, the gradient of log p(y) w.r.t. each layer's output."""
+    seen: list[tuple] = [()] * len(attentions)
+
+    def keep(i: int):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen[i] = (
+                tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
+                out,
+            )
+
+        return hook
+
+    def leaf(module, args, output):  # the graph starts at the embeddings
+        return output.detach().requires_grad_(True)
+
+    handles = [model.get_input_embeddings().register_forward_hook(leaf)]
+    handles += [
+        a.register_forward_hook(keep(i), with_kwargs=True) for i, a in enumerate(attentions)
+    ]
+    try:
+        with torch.enable_grad():
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+    finally:
+        for h in handles:
+            h.remove()
+    probs = logp.detach().exp().flatten(0, 1)
+    grads = []
+    for k in range(draws):
+        y = torch.multinomial(probs, 1, generator=gen).view(*ids.shape, 1)
+        with torch.enable_grad():
+            got = torch.autograd.grad(
+                logp.gather(-1, y).sum(), [s[2] for s in seen], retain_graph=k < draws - 1
+            )
+        grads.append([g.detach() for g in got])
+    return [(a, kw, out.detach()) for a, kw, out in seen], grads
+
+
 def budget_heads(fraction: float, num_layers: int, kv: int) -> int:
     """KV heads (summed over layers) that ``fraction`` of the cache holds; checked feasible."""
     capacity = int(fraction * num_layers * kv + 1e-9)

@@ -160,27 +160,38 @@ class GQATarget(Target):
         impl = model.config._attn_implementation
         dtype = next(model.parameters()).dtype
 
-        def swap(i: int, c: int):
+        def merged(i: int, c: int) -> torch.nn.Module:
+            """Layer i's attention merged to c KV heads, as a module of the calibration model."""
             cfg = dict(base, num_key_value_heads=[kv] * src.num_layers)
             cfg["num_key_value_heads"][i] = c
             res = self.solve(i, c, device)
             tensors = {k: v for k, v in layer_tensors(res).items() if v is not None}
-            attn = remote.attention_module(cfg, i, tensors, impl).to(device=device, dtype=dtype)
+            return remote.attention_module(cfg, i, tensors, impl).to(device=device, dtype=dtype)
+
+        def swap(i: int, c: int):
             parent_name, attr = src.attention_path(i).rsplit(".", 1)
             parent = model.get_submodule(parent_name)
             old = getattr(parent, attr)
-            setattr(parent, attr, attn)
+            setattr(parent, attr, merged(i, c))
             return lambda: setattr(parent, attr, old)
 
-        sens = budget_mod.measure_sensitivities(
-            model,
-            tokens[: recipe.budget_samples],
-            src.num_layers,
-            budget_mod.divisors(kv),
-            swap,
-            recipe.batch_size,
-            progress,
-        )
+        data, candidates = tokens[: recipe.budget_samples], budget_mod.divisors(kv)
+        if recipe.budget_sensitivity == "fisher":
+            attentions = [model.get_submodule(src.attention_path(i)) for i in range(src.num_layers)]
+            sens = budget_mod.fisher_sensitivities(
+                model,
+                data,
+                attentions,
+                candidates,
+                merged,
+                recipe.batch_size,
+                seed=recipe.seed,
+                progress=progress,
+            )
+        else:
+            sens = budget_mod.measure_sensitivities(
+                model, data, src.num_layers, candidates, swap, recipe.batch_size, progress
+            )
         return budget_mod.allocate(sens, kv, recipe.kv_budget)
 
     # --- solving ---------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def test_allocate_refuses_impossible_budget():
 def test_sensitivity_equals_kl_of_written_checkpoint(tiny_models, tmp_path):
     """The in-process swap measures what the written checkpoint does (layer 0 alone at 2)."""
     src = tiny_models["llama"]
-    out = kvconvert.convert(str(src), str(tmp_path / "b"), kv_budget=0.75, **FAST)
+    out = kvconvert.convert(
+        str(src), str(tmp_path / "b"), kv_budget=0.75, budget_sensitivity="measured", **FAST
+    )
     budget = json.loads((out / "kvconvert.json").read_text())["target"]["budget"]
     assert budget["budget_heads"] == 6 and sum(budget["counts"]) <= 6
     only0 = kvconvert.convert(str(src), str(tmp_path / "l0"), kv_heads_per_layer="2,4", **FAST)
@@ -51,6 +53,28 @@ def test_sensitivity_equals_kl_of_written_checkpoint(tiny_models, tmp_path):
     assert budget["sensitivity_kl"][0]["2"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
     chosen = [budget["sensitivity_kl"][i][str(c)] for i, c in enumerate(budget["counts"])]
     assert budget["predicted_kl"] == pytest.approx(sum(chosen))
+
+
+def test_fisher_estimate_tracks_the_measured_kl(tiny_models, tmp_path):
+    """The fast estimate (one forward, four backward passes) gives each layer's KL near the
+    measured one, zero at full heads, and the same allocation."""
+    budgets = {}
+    for mode in ("measured", "fisher"):
+        out = kvconvert.convert(
+            str(tiny_models["mistral"]),
+            str(tmp_path / mode),
+            kv_budget=0.5,
+            budget_sensitivity=mode,
+            **FAST,
+        )
+        budgets[mode] = json.loads((out / "kvconvert.json").read_text())["target"]["budget"]
+    measured, fisher = budgets["measured"], budgets["fisher"]
+    assert fisher["counts"] == measured["counts"]
+    for m, f in zip(measured["sensitivity_kl"], fisher["sensitivity_kl"], strict=True):
+        assert f["4"] == 0.0 and set(f) == set(m)
+        assert f["1"] > f["2"] > 0  # fewer heads lose more, as measured
+        for c in ("1", "2"):  # 16 label draws in all: the estimate's noise is about 35%
+            assert m[c] / 3 < f[c] < 3 * m[c], (c, m, f)
 
 
 @pytest.mark.parametrize(
