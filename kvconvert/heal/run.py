@@ -40,7 +40,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import report as report_mod
-from ..calibration.data import load_documents, sample_from_model, tokenize_documents, vocab_size
+from ..calibration.data import (
+    decode_batch,
+    load_documents,
+    sample_from_model,
+    tokenize_documents,
+    vocab_size,
+)
 from ..distributed import barrier, broadcast_tokens, dist_setup, local_device, mean_over_ranks
 from ..errors import KVConvertError
 from ..eta import Estimate
@@ -59,8 +65,10 @@ from .lora import LoRALinear, add_lora
 from .options import HealOptions
 
 STATE_VERSION = 1
-#: Sequences sampled per batch when the training text is sampled from the original.
-SAMPLE_BATCH = 32
+#: Most sequences sampled together when the training text is sampled from the original (fewer
+#: where their caches would not fit ``decode_batch``'s budget); also the unit Ctrl-C keeps. On
+#: SmolLM2-135M (2 CPU threads) a token costs 6.1 ms at 32 per batch, 4.5 ms at 128 and 256.
+SAMPLE_BATCH = 128
 
 Callback = Callable[["HealRun", int, float], None]
 
@@ -280,7 +288,7 @@ class HealRun:
         the text of an uninterrupted run."""
         o = self.opts
         bos = bos_token_id(self.original, read_config(self.original), None)
-        batch = min(SAMPLE_BATCH, n)
+        batch = decode_batch(self.teacher, bos, min(SAMPLE_BATCH, n), o.seq_len, 1)
         key = {"seed": o.seed, "seq_len": o.seq_len, "sequences": n}
         done: list[torch.Tensor] = []
         path = state_folder(self.output) / "sampled.pt"
