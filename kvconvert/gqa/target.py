@@ -100,10 +100,8 @@ class GQATarget(Target):
     def __init__(self, src: Source, recipe: Recipe):
         super().__init__(src, recipe)
         self.counts = layer_counts(src, recipe)
-        if recipe.format == "deci":
-            unfit = remote.deci_unfit(src.config, self.biases(), recipe.rope_keys == "project")
-            if unfit:
-                raise KVConvertError(f"--format deci: {unfit}")
+        if recipe.format == "deci" and (unfit := self.deci_unfit()):
+            raise KVConvertError(f"--format deci: {unfit}")
         self.shape = layer_shape(src)
         self.stats: dict[int, LayerStats] | None = None
         self.allocation: budget_mod.Allocation | None = None
@@ -298,9 +296,13 @@ class GQATarget(Target):
             return "stock", None
         if self.recipe.format == "kvconvert":
             return "kvconvert", None
-        projected = self.recipe.rope_keys == "project"
-        unfit = remote.deci_unfit(self.src.config, self.biases(), projected)
+        unfit = self.deci_unfit()
         return ("kvconvert", f"not the deci layout: {unfit}") if unfit else ("deci", None)
+
+    def deci_unfit(self) -> str | None:
+        """Why this source and recipe cannot take the DeciLM layout, or None."""
+        projected = self.recipe.rope_keys == "project"
+        return remote.deci_unfit(self.src.config, self.biases(), projected)
 
     def report(self, layout: str, note: str | None) -> dict[str, Any]:
         """kvconvert.json "target": per-layer counts, format, key projection, the budget's
