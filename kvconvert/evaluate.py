@@ -186,21 +186,28 @@ def _kl_sum(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> float:
 def fidelity(
     reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor, batch_size: int
 ) -> dict[str, float]:
-    """KL(reference || candidate) per token and both models' NLL per token, one pass each."""
+    """KL(reference || candidate) per token, both models' NLL per token, and how often their
+    most likely next tokens agree (top-1 agreement), one pass each."""
     kl = nll_r = nll_c = 0.0
-    n_kl = n_nll = 0
+    n_kl = n_nll = agree = 0
     dev_r, dev_c = model_device(reference), model_device(candidate)
     for i in range(0, tokens.shape[0], batch_size):
         b = tokens[i : i + batch_size]
         lr = reference(input_ids=b.to(dev_r)).logits
         lc = candidate(input_ids=b.to(dev_c)).logits.to(lr.device)
         kl += _kl_sum(lr, lc)
+        agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
         bd = b.to(lr.device)
         nll_r += float(_nll_sum(lr, bd))
         nll_c += float(_nll_sum(lc, bd))
         n_kl += b.numel()
         n_nll += b[:, 1:].numel()
-    return {"kl": kl / max(n_kl, 1), "nll_reference": nll_r / n_nll, "nll": nll_c / n_nll}
+    return {
+        "kl": kl / max(n_kl, 1),
+        "nll_reference": nll_r / n_nll,
+        "nll": nll_c / n_nll,
+        "top1_agreement": agree / max(n_kl, 1),
+    }
 
 
 @torch.inference_mode()
@@ -475,6 +482,7 @@ def evaluate(
         entry = _model_entry(name, "converted", conv, conv_dir, tokens, context, settings)
         fid = fidelity(orig, conv, tokens, settings.batch_size)
         entry["kl"], entry["nll"] = fid["kl"], fid["nll"]
+        entry["top1_agreement"] = fid["top1_agreement"]
         results[0]["nll"] = fid["nll_reference"]
         prefill_decode(conv, speed_ids[:, : min(context, 16)], 2)
         times[idx] = []
@@ -524,6 +532,7 @@ def fidelity_entry(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]
     return {
         "measured_by": "kvconvert eval",
         "kl_nats_per_token": round(entry["kl"], 6),
+        "top1_agreement": round(entry["top1_agreement"], 4),
         "perplexity": round(entry["ppl"], 4),
         "original_perplexity": round(orig["ppl"], 4),
         "kv_cache_ratio": round(entry["kv_ratio"], 4) if entry["kv_ratio"] is not None else None,
@@ -551,6 +560,7 @@ def _model_entry(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "kv_bytes_per_token": kv_cache_bytes(model, one),
         "kl": 0.0 if role == "original" else None,
+        "top1_agreement": 1.0 if role == "original" else None,
         "nll": None,
         "conversion": _conversion_info(folder),
     }
@@ -571,6 +581,7 @@ def format_table(doc: dict[str, Any]) -> str:
         f"KV @{ctx}",
         "KV ratio",
         "KL nats/tok",
+        "top-1",
         "ppl",
         "prefill tok/s",
         "decode tok/s",
@@ -590,6 +601,7 @@ def format_table(doc: dict[str, Any]) -> str:
                 _bytes(m["kv_bytes_at_context"]),
                 f"{m['kv_ratio']:.3f}" if m["kv_ratio"] is not None else "-",
                 f"{m['kl']:.4f}",
+                f"{m['top1_agreement']:.1%}" if m.get("top1_agreement") is not None else "-",
                 f"{m['ppl']:.3f}",
                 f"{m['prefill_tok_s']:.0f}",
                 f"{m['decode_tok_s']:.1f}" if m["decode_tok_s"] else "-",

@@ -109,6 +109,18 @@ class Recipe:
         "output: weigh values by o_proj and keys by the queries that read them; plain: unweighted.",
         OBJECTIVES,
     )
+    refine_steps: int | None = option(
+        None,
+        "Adam steps that fit each merged layer's attention to the original's outputs on the "
+        "calibration activations, starting from the merge (0: off). Default: 50 where the run "
+        "calibrates (--method svd, --kv-budget) on a llama/mistral/qwen2 model, else 0.",
+        type=int,
+    )
+    refine_lr: float | None = option(
+        None,
+        "Peak step of --refine-steps relative to each tensor's RMS (default 0.02).",
+        type=float,
+    )
     grouping: str = option(
         "adjacent", "adjacent heads, or search the grouping that loses least per layer.", GROUPINGS
     )
@@ -261,6 +273,13 @@ class Recipe:
                 "--kv-heads-per-layer) without --rope-keys project; with --kv-heads N every "
                 "layer keeps N heads and the output is the stock architecture"
             )
+        if self.refine_steps is not None and (
+            not isinstance(self.refine_steps, int) or self.refine_steps < 0
+        ):
+            got = self.refine_steps
+            raise KVConvertError(f"refine_steps: must be an integer >= 0, got {got!r}")
+        if self.refine_lr is not None and not self.refine_lr > 0:
+            raise KVConvertError(f"refine_lr: must be > 0, got {self.refine_lr!r}")
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise KVConvertError(f"kv_budget: must be in (0, 1], got {self.kv_budget!r}")
         for key in ("kv_heads", "num_samples", "seq_len", "batch_size", "budget_samples"):

@@ -32,6 +32,7 @@ SMALL_FLAGS = [
 
 TOP_KEYS = {"kvconvert_eval", "command", "versions", "device", "settings", "models"}
 MODEL_KEYS = {
+    "top1_agreement",
     "name",
     "role",
     "model_class",
@@ -68,6 +69,7 @@ def test_model_against_itself_is_kl_zero_and_equal_bytes(tiny_models):
     doc = evaluate(src, [src], EvalSettings(**SMALL), progress=False)
     orig, same = doc["models"]
     assert same["kl"] == 0.0
+    assert same["top1_agreement"] == orig["top1_agreement"] == 1.0
     assert same["nll"] == orig["nll"] > 0
     assert same["kv_bytes_per_token"] == orig["kv_bytes_per_token"] > 0
     assert same["kv_bytes_at_context"] == orig["kv_bytes_at_context"]
@@ -84,6 +86,7 @@ def test_gqa_halved_has_exactly_half_the_measured_kv_bytes(halved_doc):
     assert orig["kv_bytes_at_context"] == 40 * orig["kv_bytes_per_token"]
     assert conv["kv_ratio"] == 0.5
     assert conv["kl"] > 0
+    assert 0 < conv["top1_agreement"] < 1  # halving the heads changes some greedy choices
     target = conv["conversion"]["target"]
     assert target == {
         "kind": "gqa",

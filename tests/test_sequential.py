@@ -117,6 +117,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_models, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2 layers" in text and "4 -> 2 KV heads" in text and "[[0, 1], [2, 3]]" in text
     assert "1024 -> 512 bytes per token" in text  # 2 layers x (k, v) x 4 heads x 16 x fp32
+    assert "50 Adam steps per merged layer" in text  # --refine-steps' default here
     assert not any(tmp_path.iterdir())
 
 

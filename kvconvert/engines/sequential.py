@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..calibration.data import calibration_info, calibration_tokens
+from ..calibration.samples import capture
 from ..calibration.stats import LayerStats, StatsCollector
 from ..compat import cache_kwargs
 from ..distributed import barrier, dist_setup
@@ -82,6 +83,11 @@ class DoneLayer:
     groups: list[tuple[int, ...]]
     key_error: float
     value_error: float
+    refine_error: tuple[float, float] | None = None
+
+
+def _pair(v: list[float] | None) -> tuple[float, float] | None:
+    return None if v is None else (v[0], v[1])
 
 
 # --- distributed -----------------------------------------------------------------------------
@@ -373,7 +379,7 @@ def save_checkpoint(
         "acts": name,
         "writer": writer.state(),
         "results": {
-            str(i): [[list(g) for g in r.groups], r.key_error, r.value_error]
+            str(i): [[list(g) for g in r.groups], r.key_error, r.value_error, r.refine_error]
             for i, r in results.items()
         },
     }
@@ -402,7 +408,8 @@ def load_checkpoint(state_dir: Path, fp: str, writer: ShardedWriter, work: Path)
     verify_fingerprint(state, fp, work)
     writer.restore(state["writer"])
     state["results"] = {
-        int(i): DoneLayer([tuple(g) for g in r[0]], r[1], r[2]) for i, r in state["results"].items()
+        int(i): DoneLayer([tuple(g) for g in r[0]], r[1], r[2], _pair(r[3]))
+        for i, r in state["results"].items()
     }
     return state
 
@@ -592,11 +599,18 @@ def _layers(
         nxt: list[torch.Tensor] | None = None
         attention = src.attention_tensor_names(i)
         reads = _LayerReads(writer, attention, out_dtype)
+        samples, original = None, None
         if acts is not None:
             layer = factory.layer(i, on_read=reads)
-            with StatsCollector(factory.holder(i, layer), src.adapter, src.config, [i]) as col:
+            root = factory.holder(i, layer)
+            refining = target.refines(i)
+            original = root.get_submodule(src.attention_path(i)) if refining else None
+            with (
+                StatsCollector(root, src.adapter, src.config, [i]) as col,
+                capture(original, store) if refining else nullcontext() as samples,
+            ):
                 outs = [run_layer(layer, factory, i, a.to(device)).to(store) for a in acts]
-            del layer
+            del layer, root
             all_reduce_sums(col.stats[i], world)
             st = col.stats[i]
             if not all(t.isfinite().all() for t in (st.k, st.v, st.q)):
@@ -612,14 +626,17 @@ def _layers(
             stats = col.result()[i]
             nxt = outs if recipe.propagate == "original" else None
             del outs, col  # the collector holds the layer: drop both before solving
-        solved, res = target.solve_layer(i, stats, device, out_dtype, reads.kept)
+        solved, res = target.solve_layer(
+            i, stats, device, out_dtype, reads.kept, samples, original, world
+        )
+        del samples, original
         reads.kept.clear()  # the solve read them; they are freed with it
         if acts is not None and nxt is None:  # --propagate converted
             conv = factory.layer(i, recipe.kv_heads, solved)
             nxt = [run_layer(conv, factory, i, a.to(device)).to(store) for a in acts]
             del conv
         acts = nxt
-        results[i] = DoneLayer(list(res.groups), res.key_error, res.value_error)
+        results[i] = DoneLayer(list(res.groups), res.key_error, res.value_error, res.refine_error)
         if writer is not None:
             for name in layer_names(src, i):
                 if name in solved:

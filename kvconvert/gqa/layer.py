@@ -32,6 +32,8 @@ class LayerResult:
     groups: list[tuple[int, ...]]
     key_merges: list[Merge]
     value_merges: list[Merge]
+    #: relative output error before/after --refine-steps (refine.py); None: not refined
+    refine_error: tuple[float, float] | None = field(default=None, kw_only=True)
 
     @property
     def key_error(self) -> float:

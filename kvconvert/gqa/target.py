@@ -9,6 +9,7 @@ keys. The method is in docs/methods.md.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import report as report_mod
 from ..calibration.data import batches
+from ..calibration.samples import AttentionSamples, capture
 from ..calibration.stats import LayerStats, StatsCollector
 from ..compat import stamp_config
 from ..errors import KVConvertError
@@ -31,6 +33,7 @@ from ..target import Target
 from ..writer import cast_float, copy_side_files, write_json
 from . import budget as budget_mod
 from . import grouping as grouping_mod
+from . import refine as refine_mod
 from .fold import AttentionWeights
 from .layer import LayerResult, LayerShape, merge_layer, to_float64
 from .project import ProjectedLayerResult, RotatedStatsCollector, project_layer
@@ -68,6 +71,11 @@ def layer_counts(src: Source, recipe: Recipe) -> list[int]:
     return counts
 
 
+#: --refine-steps where the run calibrates: on SmolLM2 (3 -> 1 KV heads) 40 steps at the
+#: default lr take the layers' held-out output error from 0.60 to 0.24, 100 to 0.23.
+REFINE_STEPS = 50
+
+
 def needs_remote_code(recipe: Recipe, counts: list[int]) -> bool:
     """Per-layer head counts or projected keys: no stock class can load the result."""
     return recipe.rope_keys == "project" or len(set(counts)) > 1
@@ -103,12 +111,34 @@ class GQATarget(Target):
         if recipe.format == "deci" and (unfit := self.deci_unfit()):
             raise KVConvertError(f"--format deci: {unfit}")
         self.shape = layer_shape(src)
+        model_type = src.config.get("model_type")
+        if recipe.refine_steps and model_type not in remote.SUPPORTED:
+            raise KVConvertError(
+                f"--refine-steps is not available for {model_type!r} yet (supported: "
+                f"{', '.join(remote.SUPPORTED)}); use --refine-steps 0"
+            )
         self.stats: dict[int, LayerStats] | None = None
         self.allocation: budget_mod.Allocation | None = None
         self.results: dict[int, LayerResult] = {}
+        self.refined: dict[int, refine_mod.Refined] = {}
 
     def needs_data(self) -> bool:
-        return self.recipe.method == "svd" or self.recipe.kv_budget is not None
+        r = self.recipe
+        return r.method == "svd" or r.kv_budget is not None or self.refine_steps() > 0
+
+    def refine_steps(self) -> int:
+        """--refine-steps, or its default: REFINE_STEPS where the run calibrates anyway and
+        the model's attention can be rebuilt in-process (remote.SUPPORTED), else 0."""
+        r = self.recipe
+        if r.refine_steps is not None:
+            return r.refine_steps
+        calibrates = r.method == "svd" or r.kv_budget is not None
+        supported = self.src.config.get("model_type") in remote.SUPPORTED
+        return REFINE_STEPS if calibrates and supported else 0
+
+    def refines(self, layer: int) -> bool:
+        """Whether ``layer`` is refined: it is merged, and refinement is on."""
+        return self.counts[layer] < self.src.num_kv_heads and self.refine_steps() > 0
 
     def why_not_layer_by_layer(self) -> str | None:
         recipe, adapter = self.recipe, self.src.adapter
@@ -147,6 +177,8 @@ class GQATarget(Target):
         if self.recipe.kv_budget is not None:
             self.allocation = self.allocate_budget(model, tokens, device, progress)
             self.counts = self.allocation.counts
+        if any(self.refines(i) for i in range(self.src.num_layers)):
+            self.refine_layers(model, tokens, device, progress)
 
     def allocate_budget(
         self, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, progress: bool
@@ -154,17 +186,12 @@ class GQATarget(Target):
         """--kv-budget: measure each layer's sensitivity on calibration data, then solve."""
         src, recipe = self.src, self.recipe
         kv = src.num_kv_heads
-        base = self.remote_config([kv] * src.num_layers)
         impl = model.config._attn_implementation
         dtype = next(model.parameters()).dtype
 
         def merged(i: int, c: int) -> torch.nn.Module:
             """Layer i's attention merged to c KV heads, as a module of the calibration model."""
-            cfg = dict(base, num_key_value_heads=[kv] * src.num_layers)
-            cfg["num_key_value_heads"][i] = c
-            res = self.solve(i, c, device)
-            tensors = {k: v for k, v in layer_tensors(res).items() if v is not None}
-            return remote.attention_module(cfg, i, tensors, impl).to(device=device, dtype=dtype)
+            return self.merged_module(i, self.solve(i, c, device), impl, device, dtype)
 
         def swap(i: int, c: int):
             parent_name, attr = src.attention_path(i).rsplit(".", 1)
@@ -191,6 +218,97 @@ class GQATarget(Target):
                 model, data, src.num_layers, candidates, swap, recipe.batch_size, progress
             )
         return budget_mod.allocate(sens, kv, recipe.kv_budget)
+
+    def merged_module(
+        self,
+        layer: int,
+        res: LayerResult,
+        impl: str | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.nn.Module:
+        """A solved layer's attention as a module that runs in place of the original's."""
+        counts = [self.src.num_kv_heads] * self.src.num_layers
+        counts[layer] = len(res.groups)
+        cfg = self.remote_config(counts)
+        tensors = {k: v for k, v in layer_tensors(res).items() if v is not None}
+        return remote.attention_module(cfg, layer, tensors, impl).to(device=device, dtype=dtype)
+
+    # --- refining (whole-model engine) -----------------------------------------------------
+    @torch.no_grad()
+    def refine_layers(
+        self, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, progress: bool
+    ) -> None:
+        """Refine every merged layer (refine.py) on the original model's activations.
+
+        The calibration batches are pushed through the decoder layers one layer at a time
+        (each layer gets the keyword arguments the model's own forward gave it: masks differ
+        between sliding and full layers), so memory holds one layer's activations, not all.
+        """
+        src, batch_size = self.src, self.recipe.batch_size
+        todo = [i for i in range(src.num_layers) if self.refines(i)]
+        paths = [src.attention_path(i).rsplit(".", 1)[0] for i in range(todo[-1] + 1)]
+        layers = [model.get_submodule(p) for p in paths]  # the decoder layers up to the last
+        hidden: list[torch.Tensor] = []
+        kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
+
+        def grab(i: int):
+            def hook(_mod: torch.nn.Module, args: tuple, kw: dict) -> None:
+                x = args[0] if args else kw["hidden_states"]
+                if i == 0:
+                    hidden.append(x)
+                kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+                if i == len(layers) - 1:
+                    raise _Enough
+
+            return hook
+
+        pre = [m.register_forward_pre_hook(grab(i), with_kwargs=True) for i, m in enumerate(layers)]
+        try:
+            for batch in batches(tokens, batch_size):
+                with contextlib.suppress(_Enough):
+                    model(input_ids=batch.to(device), use_cache=False)
+        finally:
+            for h in pre:
+                h.remove()
+        dtype = next(model.parameters()).dtype
+        bar = tqdm(total=len(todo), desc="refining layers", unit="layer", disable=not progress)
+        for i, layer in enumerate(layers):
+            attn = model.get_submodule(src.attention_path(i))
+            with capture(attn) as samples:
+                outs = [_hidden(layer(h, **kw)) for h, kw in zip(hidden, kwargs[i], strict=True)]
+            if i in todo:
+                res = self.solve(i, self.counts[i], device)
+                with torch.enable_grad():
+                    self.refined[i] = self.refine(i, res, samples, attn, device, dtype)
+                bar.update(1)
+            hidden = outs
+        bar.close()
+
+    def refine(
+        self,
+        layer: int,
+        res: LayerResult,
+        samples: AttentionSamples,
+        original: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        world: int = 1,
+    ) -> refine_mod.Refined:
+        """Fit the solved layer's attention to ``samples`` (what ``original`` produced)."""
+        impl = getattr(getattr(original, "config", None), "_attn_implementation", None)
+        module = self.merged_module(layer, res, impl, device, dtype)
+        lr = self.recipe.refine_lr or refine_mod.DEFAULT_LR
+        return refine_mod.refine(module, samples, self.refine_steps(), lr, world)
+
+    @staticmethod
+    def apply_refined(res: LayerResult, refined: refine_mod.Refined) -> None:
+        """Put the refined tensors into ``res`` (float64, as the solve left them)."""
+        items = res.weights.items()
+        for key, t in refined.tensors.items():
+            items[key] = t.to(device=items[key].device, dtype=items[key].dtype)
+        res.weights = AttentionWeights.from_items(items)
+        res.refine_error = (refined.before, refined.after)
 
     # --- solving ---------------------------------------------------------------------------
     def solve(
@@ -221,12 +339,21 @@ class GQATarget(Target):
         device: torch.device,
         out_dtype: torch.dtype | None,
         read: Mapping[str, torch.Tensor],
+        samples: AttentionSamples | None = None,
+        original: torch.nn.Module | None = None,
+        world: int = 1,
     ) -> tuple[dict[str, torch.Tensor], LayerResult]:
+        """Solve one layer (layer-sequential engine); ``samples``: what the original attention
+        ``original`` produced on the calibration activations, to refine the merge on."""
         w = layer_weights(self.src, layer, read)
         for key, t in w.items().items():
             if t is not None and t.is_floating_point() and not t.isfinite().all():
                 raise KVConvertError(f"layer {layer}: source tensor {key} contains NaN/inf")
         res = self.solve(layer, self.counts[layer], device, w, stats)
+        if samples is not None and self.refines(layer):
+            dtype = next(original.parameters()).dtype
+            refined = self.refine(layer, res, samples, original, device, dtype, world)
+            self.apply_refined(res, refined)
         new = res.weights.items()
         check_finite(layer, new)
         orig = w.items()
@@ -259,6 +386,8 @@ class GQATarget(Target):
                 continue
             orig = layer_weights(src, i).items()
             res = self.solve(i, self.counts[i], device)
+            if i in self.refined:
+                self.apply_refined(res, self.refined.pop(i))
             new = res.weights.items()
             check_finite(i, new)
             new = {
@@ -341,6 +470,9 @@ class GQATarget(Target):
             f"groups       {groups}",
             f"KV cache     {before} -> {after} bytes per token "
             f"({str(final).removeprefix('torch.')})",
+            f"refine       {self.refine_steps()} Adam steps per merged layer"
+            if self.refine_steps()
+            else "refine       off",
         ]
 
     def finish(
@@ -388,6 +520,7 @@ class GQATarget(Target):
                     "groups": [list(g) for g in results[i].groups],
                     "key_error": results[i].key_error,
                     "value_error": results[i].value_error,
+                    **_refine_entry(results[i]),
                 }
                 for i in sorted(results)
             ],
@@ -406,6 +539,19 @@ class GQATarget(Target):
         }
         write_json(work / "kvconvert.json", rep)
         report_mod.write_recipe_and_card(work, recipe, rep, src.folder, config)
+
+
+class _Enough(Exception):
+    """Raised by a hook once the layers to refine have their inputs: ends the forward."""
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _refine_entry(result: Any) -> dict[str, Any]:
+    err = getattr(result, "refine_error", None)
+    return {} if err is None else {"refine_error": {"before": err[0], "after": err[1]}}
 
 
 def check_finite(layer: int, new: Mapping[str, torch.Tensor | None]) -> None:
