@@ -130,11 +130,15 @@ def test_disk_space_checked_before_writing(tiny_models, tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_two_gloo_ranks_equal_one_process(tiny_models, tmp_path):
+@pytest.mark.parametrize("samples", [6, 2])  # 3 batches: uneven ranks; 1: rank 1 holds none
+def test_two_gloo_ranks_equal_one_process(tiny_models, tmp_path, samples):
+    """Statistics are summed over ranks and --refine-steps reads each step's batch on the
+    rank that holds it, so the weights are those of one process."""
     src = str(tiny_models["qwen2"])
-    opts = ["--kv-heads", "2", "--num-samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    n = str(samples)
+    opts = ["--kv-heads", "2", "--num-samples", n, "--seq-len", "32", "--batch-size", "2"]
     one = kvconvert.convert(
-        src, str(tmp_path / "one"), kv_heads=2, num_samples=4, seq_len=32, batch_size=2,
+        src, str(tmp_path / "one"), kv_heads=2, num_samples=samples, seq_len=32, batch_size=2,
         progress=False,
     )  # fmt: skip
     torchrun(["-m", "kvconvert", src, "-o", str(tmp_path / "two"), "-q", *opts])
