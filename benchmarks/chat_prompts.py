@@ -29,7 +29,7 @@ PROMPTS = (
 
 @torch.inference_mode()
 def answers(folder: str, new_tokens: int) -> list[str]:
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, trust_remote_code=True
     ).eval()
