@@ -77,15 +77,20 @@ def broadcast_tokens(tokens: torch.Tensor | None, world: int, device: torch.devi
     return buf.cpu()
 
 
-def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
-    """The mean of a tensor over the ranks (every rank gets it)."""
+def sum_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The sum of a tensor over the ranks (every rank gets it)."""
     if world == 1:
         return value
     import torch.distributed as dist
 
     out = value.clone()
     dist.all_reduce(out)
-    return out / world
+    return out
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of a tensor over the ranks (every rank gets it)."""
+    return value if world == 1 else sum_over_ranks(value, world) / world
 
 
 def from_rank0(value: Any, world: int) -> Any:

@@ -22,9 +22,6 @@ class AttentionSamples:
     kwargs: list[dict[str, Any]] = field(default_factory=list)  # hidden_states, rope, mask
     outputs: list[torch.Tensor] = field(default_factory=list)  # its output per batch
 
-    def __len__(self) -> int:
-        return len(self.outputs)
-
 
 @contextlib.contextmanager
 def capture(

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..calibration.samples import AttentionSamples
+from ..distributed import sum_over_ranks
 
 #: Tensors the refinement trains, by module-relative name, and their AttentionWeights role.
 #: A run-time key projection (``--rope-keys project``: key_down/query_down) stays as solved.
@@ -132,8 +133,8 @@ def _refine(
     def mean_loss() -> float:
         with torch.no_grad():
             total = sum((loss(j) for j in range(len(targets))), torch.zeros((), device=device))
-        both = _sum_over_ranks(
-            torch.stack([total, torch.tensor(float(len(targets)), device=device)])
+        both = sum_over_ranks(
+            torch.stack([total, torch.tensor(float(len(targets)), device=device)]), world
         )
         return float(both[0] / both[1])
 
@@ -146,11 +147,7 @@ def _refine(
     # s mod (all batches) on whichever rank holds it and the others add zero gradients, so
     # the steps are those of one process.
     rank = torch.distributed.get_rank() if world > 1 else 0
-    total = (
-        int(_sum_over_ranks(torch.tensor(float(len(targets)), device=device)))
-        if world > 1
-        else len(targets)
-    )
+    total = int(sum_over_ranks(torch.tensor(float(len(targets)), device=device), world))
     for s in range(steps):
         for g, peak in zip(opt.param_groups, peaks, strict=True):
             g["lr"] = peak * 0.5 * (1 + math.cos(math.pi * s / steps))
@@ -160,7 +157,9 @@ def _refine(
             loss(local).backward()
         if world > 1:
             for p in params.values():
-                p.grad = _sum_over_ranks(p.grad if p.grad is not None else torch.zeros_like(p))
+                p.grad = sum_over_ranks(
+                    p.grad if p.grad is not None else torch.zeros_like(p), world
+                )
         opt.step()
     after = mean_loss()
     if not after <= before:  # also catches NaN
@@ -171,14 +170,3 @@ def _refine(
     for p in params.values():
         p.requires_grad_(False)
     return Refined({role(n): p.detach() for n, p in params.items()}, before, after)
-
-
-def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over the torchrun ranks (``t`` itself in one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    out = t.clone()
-    dist.all_reduce(out)
-    return out
