@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="only the --kv-saving map")
+    ap.add_argument("--quick", action="store_true", help="only the --kv-saving maps")
+    ap.add_argument("--map-by", nargs="+", default=["cost", "similarity"])
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,9 +80,10 @@ def main() -> None:
     common = dict(sink=args.sink, recent=args.recent, seq_len=args.seq_len, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
-            f"--kv-saving {args.kv_saving}": dict(
-                target="pod", kv_saving=args.kv_saving, num_samples=args.num_samples
-            ),
+            f"--kv-saving {args.kv_saving} --map-by {by}": dict(
+                target="pod", kv_saving=args.kv_saving, num_samples=args.num_samples, map_by=by
+            )
+            for by in args.map_by
         }
         if not args.quick:
             runs[f"--target gqa,pod --kv-heads 2 --kv-saving {args.kv_saving}"] = dict(

@@ -27,6 +27,7 @@ SENSITIVITIES = ("measured", "fisher")
 OBJECTIVES = ("output", "plain")
 PIPELINES = ("auto", "sequential", "whole")
 PROPAGATE = ("original", "converted")
+MAP_BY = ("auto", "cost", "similarity")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SIZE_UNITS = {
@@ -143,9 +144,18 @@ class Recipe:
     )
     kv_saving: float | None = option(
         None,
-        "PoD: target KV-cache saving (fraction below 0.5) at --context tokens; the most "
-        "similar layers merge first. Overrides --threshold.",
+        "PoD: target KV-cache saving (fraction below 0.5) at --context tokens; the map is "
+        "chosen by --map-by. Overrides --threshold.",
         type=float,
+    )
+    map_by: str = option(
+        "auto",
+        "PoD: how --kv-saving picks the layers that borrow keys. cost: the map with the least "
+        "summed borrowing cost (each head's output error, on calibration data, when it reads "
+        "a lower layer's keys); similarity: the most similar consecutive layers first (1 - "
+        "JSD of distant-token attention). auto: cost with --kv-saving, similarity with "
+        "--threshold.",
+        MAP_BY,
     )
     context: int | None = option(
         None,
@@ -319,11 +329,26 @@ class Recipe:
                 f"distant tokens with sink {self.sink} + recent {self.recent}; use --seq-len "
                 f"above {self.sink + self.recent + 1} or a smaller --recent"
             )
+        if (
+            self.heal_steps
+            and self.recent is not None
+            and self.heal_seq_len <= self.sink + self.recent + 1
+        ):
+            raise KVConvertError(
+                f"heal_seq_len: healing sequences of {self.heal_seq_len} tokens have no "
+                f"distant tokens with sink {self.sink} + recent {self.recent}, so healing "
+                f"would teach nothing; use --heal-seq-len above {self.sink + self.recent + 1}"
+            )
         if not 0 <= self.threshold <= 1:
             raise KVConvertError(f"threshold: must lie in [0, 1], got {self.threshold}")
         if self.kv_saving is not None and not 0 < self.kv_saving < 0.5:
             raise KVConvertError(
                 f"kv_saving: must lie in (0, 0.5) (values are never shared), got {self.kv_saving}"
+            )
+        if self.map_by == "cost" and self.kv_saving is None and not self.pod_map:
+            raise KVConvertError(
+                "map_by: cost chooses the map that reaches a --kv-saving target; give "
+                "--kv-saving F, or use --map-by similarity with --threshold"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -127,8 +127,11 @@ class HealRun:
             opts.trust_remote_code,
         )
         self.teacher.requires_grad_(False)
+        check_distant_tokens(self.student.config, opts.seq_len)
         self.changed = changed_parameters(self.student, self.teacher, self.tensors)
-        self.scopes = converted_modules(self.student, self.changed)
+        self.scopes = converted_modules(self.student, self.changed) | borrowing_attention(
+            self.student
+        )
         self.lora: dict[str, LoRALinear] = {}
         self.trainable = self._select_trainable()
         self.digest = self._initial_digest()
@@ -680,6 +683,35 @@ def converted_modules(model: torch.nn.Module, changed: set[str]) -> set[str]:
         mod = model.get_submodule(owner)
         out.add(owner.rsplit(".", 1)[0] if isinstance(mod, torch.nn.Linear) else owner)
     return out
+
+
+def check_distant_tokens(config: Any, seq_len: int) -> None:
+    """A PoD model differs from the original only on distant tokens: training sequences no
+    longer than sink + recent + 1 tokens would teach it nothing."""
+    sink, recent = getattr(config, "pod_sink", None), getattr(config, "pod_recent", None)
+    if sink is None or recent is None:
+        return
+    if seq_len <= sink + recent + 1:
+        raise KVConvertError(
+            f"seq_len: this PoD model keeps its own keys for the first {sink} and the last "
+            f"{recent} tokens, so sequences of {seq_len} tokens have no distant token to learn "
+            f"from; use --seq-len above {sink + recent + 1}"
+        )
+
+
+def borrowing_attention(model: torch.nn.Module) -> set[str]:
+    """A PoD output keeps every weight: what must adapt is the attention of the layers that
+    read another layer's keys (``config.pod_map``), so those attention blocks train."""
+    pod_map = getattr(model.config, "pod_map", None)
+    if not pod_map:
+        return set()
+    borrowing = {layer for layer, row in enumerate(pod_map) if any(b != layer for b in row)}
+    return {
+        name
+        for name, mod in model.named_modules()
+        if any(c.__name__ == "PodAttentionMixin" for c in type(mod).__mro__)
+        and getattr(mod, "layer_idx", None) in borrowing
+    }
 
 
 def in_scope(name: str, scopes: set[str]) -> bool:

@@ -12,6 +12,7 @@ keys, lends them to nobody, and a block skips over it (``links``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,108 @@ def blocks_for_saving(
         + (", and sliding-window layers never share" if windows and any(windows) else "")
         + ")"
     )
+
+
+def saving_per_borrower(
+    num_layers: int,
+    kv: int,
+    sink: int,
+    recent: int,
+    context: int,
+    windows: list[int | None] | None = None,
+) -> float:
+    """The predicted saving one borrowing (layer, KV head) brings: all borrowers save the same
+    (``predicted_saving`` counts them), so a target needs ceil(target / this) of them."""
+    full = [layer for layer, w in enumerate(windows or [None] * num_layers) if w is None]
+    if len(full) < 2:
+        return 0.0
+    one = identity_map(num_layers, kv)
+    one[full[1]][0] = full[0]
+    return predicted_saving(one, sink, recent, context, windows)
+
+
+def _head_costs(
+    cost: np.ndarray, h: int, chain: list[int], depth: int, keep_first: int
+) -> tuple[np.ndarray, list[list[tuple[int, int] | None]]]:
+    """For one KV head, over the chain of layers that may share: best[k] = the least summed
+    cost of covering the whole chain with blocks holding k borrowers, and back-pointers."""
+    n = len(chain)
+    inf = np.inf
+    best = np.full((n + 1, n), inf)  # best[p + 1, k]: chain[0..p] covered, k borrowers
+    best[0, 0] = 0
+    back: list[list[tuple[int, int] | None]] = [[None] * n for _ in range(n + 1)]
+    for p in range(n):  # the block ending at chain[p] starts at chain[s]
+        for s in range(p, max(-1, p - depth - 1), -1):
+            upper = chain[s + 1 : p + 1]
+            if any(not _allowed(layer, keep_first) for layer in upper):
+                break
+            c = sum(float(cost[layer, h, j]) for j, layer in enumerate(upper))
+            if not np.isfinite(c):
+                break
+            k_block = p - s
+            for k in range(n - k_block):
+                total = best[s, k] + c
+                if total < best[p + 1, k + k_block]:
+                    best[p + 1, k + k_block] = total
+                    back[p + 1][k + k_block] = (s, k)
+    return best[n], back
+
+
+def blocks_by_cost(
+    cost: np.ndarray,
+    target: float,
+    sink: int,
+    recent: int,
+    context: int,
+    max_block: int | None = None,
+    keep_first: int = 0,
+    windows: list[int | None] | None = None,
+) -> list[list[int]]:
+    """The map reaching ``target`` with the least summed borrowing cost (``cost.py``).
+
+    ``cost[l, h, d - 1]``: layer l, KV head h reading the keys of the layer d links down.
+    A block's cost is the sum of its upper layers' costs against its bottom; per head, a
+    dynamic programme over block boundaries gives the least cost for each number of
+    borrowers, and a second one splits the borrowers the target needs between the heads."""
+    num_layers, kv, depth = cost.shape
+    if max_block is not None:
+        depth = min(depth, max_block - 1)
+    chain = [layer for layer, w in enumerate(windows or [None] * num_layers) if w is None]
+    each = saving_per_borrower(num_layers, kv, sink, recent, context, windows)
+    need = math.ceil(target / each - 1e-9) if each > 0 else None
+    per_head = [_head_costs(cost, h, chain, depth, keep_first) for h in range(kv)]
+    # split ``need`` borrowers between heads: total[h + 1][k] = least cost over heads 0..h
+    total = np.full((kv + 1, len(chain) * kv + 1), np.inf)
+    total[0, 0] = 0
+    split = np.zeros((kv + 1, len(chain) * kv + 1), dtype=int)
+    for h, (best, _) in enumerate(per_head):
+        for k0 in np.flatnonzero(np.isfinite(total[h])):
+            for k, c in enumerate(best):
+                if np.isfinite(c) and total[h, k0] + c < total[h + 1, k0 + k]:
+                    total[h + 1, k0 + k] = total[h, k0] + c
+                    split[h + 1, k0 + k] = k
+    reachable = np.flatnonzero(np.isfinite(total[kv]))
+    if need is None or need > reachable.max():
+        best = each * int(reachable.max())
+        raise KVConvertError(
+            f"kv_saving: {target:.1%} cannot be reached at {context} tokens with sink {sink}, "
+            f"recent {recent}, max_block {max_block}, keep_first {keep_first}: at most "
+            f"{best:.1%} (blocks of at most {depth + 1} layers; values are never shared)"
+        )
+    rows = identity_map(num_layers, kv)
+    k = need
+    for h in range(kv - 1, -1, -1):
+        kh = int(split[h + 1, k])
+        k -= kh
+        _, back = per_head[h]
+        p, kk = len(chain), kh
+        while p > 0:
+            s, k_before = back[p][kk]
+            for layer in chain[s + 1 : p]:
+                rows[layer][h] = chain[s]
+            p, kk = s, k_before
+    check_map(rows, num_layers, kv, windows)
+    return rows
 
 
 def load_map(

@@ -103,12 +103,13 @@ class DistantAttention:
         softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
         if module.layer_idx == 0:
             self.count += query.shape[0]
-        self._layer(module.layer_idx, query, key, scaling, softcap)
+        self._layer(module, query, key, value, scaling, softcap)
         out = _attend(module, query, key, value, attention_mask, scaling, softcap, window)
         return out, None
 
     @torch.no_grad()
-    def _layer(self, layer: int, query, key, scaling: float, softcap: float | None) -> None:
+    def _layer(self, module, query, key, value, scaling: float, softcap: float | None) -> None:
+        layer = module.layer_idx
         linked = [p for p in self.prev if p is not None]
         if layer not in linked and self.prev[layer] is None:
             return  # neither a block bottom candidate nor a layer that may join one

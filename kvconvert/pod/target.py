@@ -27,7 +27,9 @@ from ..target import Target
 from ..writer import cast_float, copy_side_files, write_json
 from .card import pod_model_card
 from .checkpoint import copy_modeling_files, pod_config
+from .cost import DEPTH, NUM_QUERIES_COST, borrow_cost
 from .layermap import (
+    blocks_by_cost,
     blocks_for_saving,
     blocks_from_threshold,
     describe,
@@ -51,13 +53,36 @@ def sliding_windows(src: Source) -> list[int | None]:
     return stock_rule(AutoConfig.from_pretrained(src.folder))
 
 
+def map_by(recipe: Recipe) -> str:
+    """``cost`` or ``similarity``: what orders the merges (``--map-by``, auto resolved)."""
+    if recipe.map_by != "auto":
+        return recipe.map_by
+    return "cost" if recipe.kv_saving is not None else "similarity"
+
+
 def choose_map(
     recipe: Recipe,
-    similarity: np.ndarray,
+    similarity: np.ndarray | None,
     context: int,
     windows: list[int | None] | None = None,
+    cost: np.ndarray | None = None,
 ) -> tuple[list[list[int]], str]:
-    """The layer map from similarities: a saving target if given, else the threshold."""
+    """The layer map: the least borrowing cost for a saving target (``cost``), else from
+    similarities: the most similar merges for a saving target, or the threshold."""
+    if cost is not None:
+        assert recipe.kv_saving is not None  # checked by Recipe.validate
+        pod_map = blocks_by_cost(
+            cost,
+            recipe.kv_saving,
+            recipe.sink,
+            recipe.recent,
+            context,
+            recipe.max_block,
+            recipe.keep_first,
+            windows,
+        )
+        return pod_map, f"kv_saving {recipe.kv_saving} at {context} tokens, least borrowing cost"
+    assert similarity is not None
     if recipe.kv_saving is not None:
         pod_map = blocks_for_saving(
             similarity,
@@ -69,7 +94,7 @@ def choose_map(
             recipe.keep_first,
             windows,
         )
-        return pod_map, f"kv_saving {recipe.kv_saving} at {context} tokens"
+        return pod_map, f"kv_saving {recipe.kv_saving} at {context} tokens, most similar first"
     pod_map = blocks_from_threshold(
         similarity, recipe.threshold, recipe.max_block, recipe.keep_first, windows
     )
@@ -115,6 +140,7 @@ class PodTarget(Target):
         self.gqa = merged_from
         self.windows = sliding_windows(src)
         self.similarity: np.ndarray | None = None
+        self.cost: np.ndarray | None = None
         if recipe.pod_map:
             self.pod_map = load_map(recipe.pod_map, src.num_layers, src.num_kv_heads, self.windows)
             self.context = recipe.context or recipe.seq_len
@@ -127,6 +153,23 @@ class PodTarget(Target):
         self, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, progress: bool
     ) -> None:
         src, recipe = self.src, self.recipe
+        self.context = recipe.context or int(tokens.shape[1])
+        if map_by(recipe) == "cost":
+            depth = DEPTH if recipe.max_block is None else min(DEPTH, recipe.max_block - 1)
+            self.cost, self.similarity = borrow_cost(
+                model,
+                src.adapter,
+                src.config,
+                tokens,
+                recipe.sink,
+                recipe.recent,
+                recipe.batch_size,
+                max(depth, 1),
+                progress,
+                self.windows,
+            )
+            self.pod_map, self.how = choose_map(recipe, None, self.context, self.windows, self.cost)
+            return
         self.similarity = layer_similarity(
             model,
             src.adapter,
@@ -138,7 +181,6 @@ class PodTarget(Target):
             progress,
             self.windows,
         )
-        self.context = recipe.context or int(tokens.shape[1])
         self.pod_map, self.how = choose_map(recipe, self.similarity, self.context, self.windows)
 
     def tensors(
@@ -163,7 +205,9 @@ class PodTarget(Target):
     ) -> None:
         src, recipe, windows, context = self.src, self.recipe, self.windows, self.context
         L, kv, similarity = src.num_layers, src.num_kv_heads, self.similarity
-        if similarity is not None:
+        if self.cost is not None:
+            calibration = {**calibration, "queries_per_sequence": NUM_QUERIES_COST}
+        elif similarity is not None:
             calibration = {**calibration, "queries_per_sequence": NUM_QUERIES}
         saving = predicted_saving(self.pod_map, recipe.sink, recipe.recent, context, windows)
         config = pod_config(
@@ -198,6 +242,7 @@ class PodTarget(Target):
                 "blocks": describe(self.pod_map),
                 "num_head_blocks": num_blocks(self.pod_map),
                 "map_from": self.how,
+                "map_by": None if recipe.pod_map else map_by(recipe),
                 "context": context,
                 "predicted_kv_saving": saving,
             },
@@ -208,6 +253,16 @@ class PodTarget(Target):
                 if similarity is None
                 else [
                     [None if np.isnan(x) else round(float(x), 6) for x in row] for row in similarity
+                ],
+            },
+            "borrow_cost": {
+                "what": "relative residual error of layer l, KV head h reading its distant keys "
+                "from the layer d links below; [l][h][d - 1] (docs/pod.md)",
+                "matrix": None
+                if self.cost is None
+                else [
+                    [[None if np.isnan(x) else round(float(x), 6) for x in d] for d in row]
+                    for row in self.cost
                 ],
             },
             "calibration": calibration,

@@ -1,0 +1,156 @@
+"""What borrowing keys costs each (layer, KV head), measured on the layer's real output.
+
+For the last queries of each calibration sequence, a layer's attention is computed twice: as
+the model does, and as a PoD upper layer would (its own keys for proximal tokens, a lower
+layer's keys for distant ones, one softmax, its own values). The difference, passed through
+the layer's output projection, is the error this head would add to the residual stream; its
+squared norm relative to the residual stream's is the cost, averaged over queries that see a
+distant token. It is measured for every lower layer a block could start at (up to
+``depth`` layers down), so a block's cost is the sum of its upper layers' costs against its
+bottom. docs/pod.md ("How the map is chosen") says why this, rather than the attention
+similarity, orders the merges.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..arch import AttentionAdapter
+from ..errors import KVConvertError
+from .similarity import DistantAttention
+
+#: queries per calibration sequence whose error is measured
+NUM_QUERIES_COST = 64
+
+#: how far down a block's bottom may lie (blocks of up to DEPTH + 1 layers) unless
+#: ``--max-block`` says otherwise
+DEPTH = 7
+
+
+class BorrowCost(DistantAttention):
+    """cost[l, h, d - 1]: the relative residual error of layer l, KV head h, reading its distant
+    keys from the full-attention layer d links below it (NaN where there is none)."""
+
+    def __init__(self, model, adapter, config, sink, recent, depth=DEPTH, windows=None):
+        super().__init__(model, adapter, config, sink, recent, NUM_QUERIES_COST, windows)
+        self.depth = depth
+        self.cost = torch.full((self.num_layers, self.kv, depth), float("nan"), dtype=torch.float64)
+        self.below: list[list[int]] = []  # per layer: the layers a block could start at
+        for layer in range(self.num_layers):
+            chain, p = [], self.prev[layer]
+            while p is not None and len(chain) < depth:
+                chain.append(p)
+                p = self.prev[p]
+            self.below.append(chain)
+            self.cost[layer, :, : len(chain)] = 0
+        self._keys: dict[int, torch.Tensor] = {}
+        self._resid: dict[int, torch.Tensor] = {}
+        self._hooks: list = []
+
+    def __enter__(self) -> BorrowCost:
+        prefix = self.adapter.layer_prefix
+        for layer in range(self.num_layers):
+            mod = self.model.get_submodule(prefix.format(i=layer).rstrip("."))
+            self._hooks.append(
+                mod.register_forward_pre_hook(self._residual(layer), with_kwargs=True)
+            )
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
+
+    def _residual(self, layer: int):
+        def hook(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            self._resid[layer] = x[:, -self.num_queries :].detach()
+
+        return hook
+
+    def _out_weight(self, layer: int) -> torch.Tensor:
+        """The output projection as (hidden, heads * head_dim), float32."""
+        name = self.adapter.layer_prefix.format(i=layer) + self.adapter.o_proj
+        w = self.model.get_submodule(name).weight.float()
+        return w.T if self.adapter.transposed else w
+
+    @torch.no_grad()
+    def _layer(self, module, query, key, value, scaling, softcap) -> None:
+        super()._layer(module, query, key, value, scaling, softcap)  # the similarity too
+        layer = module.layer_idx
+        later = any(layer in chain for chain in self.below)
+        if later:
+            self._keys[layer] = key
+        below = self.below[layer]
+        if not below:
+            return
+        b, _, t, _ = key.shape
+        nq = min(self.num_queries, t)
+        q = query[:, :, -nq:].float()
+        groups = q.shape[1] // self.kv
+        qpos = torch.arange(t - nq, t, device=q.device)[:, None]
+        kpos = torch.arange(t, device=q.device)[None, :]
+        causal = kpos <= qpos
+        distant = (kpos >= self.sink) & (qpos - kpos > self.recent) & causal
+        has = distant.any(-1)
+        if not bool(has.any()):
+            return
+        v = value.float().repeat_interleave(groups, dim=1)
+
+        def scores(k: torch.Tensor) -> torch.Tensor:
+            s = (q @ k.float().repeat_interleave(groups, dim=1).transpose(-1, -2)) * scaling
+            return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+        own = scores(key)
+        out = torch.softmax(own.masked_fill(~causal, float("-inf")), dim=-1) @ v
+        w = self._out_weight(layer)
+        resid = self._resid.pop(layer)[:, -nq:].float().pow(2).sum(-1)[:, has]  # (b, queries)
+        d = v.shape[-1]
+        for depth, bottom in enumerate(below):
+            s = torch.where(distant, scores(self._keys[bottom]), own)
+            delta = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ v - out
+            delta = delta[:, :, has]  # (b, heads, queries, d)
+            for h in range(self.kv):
+                heads = delta[:, h * groups : (h + 1) * groups].transpose(1, 2).flatten(2)
+                cols = w[:, h * groups * d : (h + 1) * groups * d]
+                err = (heads @ cols.T).pow(2).sum(-1) / resid.clamp_min(1e-30)
+                self.cost[layer, h, depth] += float(err.mean(-1).sum())
+        for old in [k for k in self._keys if all(k not in c for c in self.below[layer + 1 :])]:
+            del self._keys[old]  # no later layer reads it
+
+    def costs(self) -> np.ndarray:
+        """(L, KV, depth), averaged over the calibration sequences."""
+        return (self.cost / max(self.count, 1)).numpy()
+
+
+@torch.inference_mode()
+def borrow_cost(
+    model: torch.nn.Module,
+    adapter: AttentionAdapter,
+    config: dict,
+    tokens: torch.Tensor,
+    sink: int,
+    recent: int,
+    batch_size: int,
+    depth: int = DEPTH,
+    progress: bool = True,
+    windows: list[int | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """cost[l, h, d - 1] (see ``BorrowCost``) from ``tokens``, (L, KV, depth), and the
+    similarity matrix ``layer_similarity`` gives, measured in the same pass."""
+    if tokens.shape[1] <= sink + recent + 1:
+        raise KVConvertError(
+            f"seq_len: calibration sequences of {tokens.shape[1]} tokens have no distant tokens "
+            f"with sink {sink} + recent {recent}; use --seq-len above {sink + recent + 1} or a "
+            "smaller --recent"
+        )
+    device = next(model.parameters()).device
+    with BorrowCost(model, adapter, config, sink, recent, depth, windows) as acc:
+        n = (tokens.shape[0] + batch_size - 1) // batch_size
+        for i in tqdm(range(n), desc="borrowing cost", disable=not progress):
+            batch = tokens[i * batch_size : (i + 1) * batch_size].to(device)
+            model(input_ids=batch, use_cache=False)
+    return acc.costs(), acc.result()
