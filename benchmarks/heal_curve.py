@@ -42,12 +42,19 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
-    types = {f.name: type(f.default) for f in dataclasses.fields(HealOptions)}
-    types["lr"] = float
+    # each option's type: its CLI type where declared (None defaults: lr, threads), else its
+    # default's
+    types = {
+        f.name: f.metadata.get("type") or type(f.default) for f in dataclasses.fields(HealOptions)
+    }
     extra = {}
     for kv in a.set:
         key, value = kv.split("=", 1)
-        extra[key] = value if types.get(key) in (str, type(None)) else types[key](value)
+        kind = types.get(key, str)
+        if kind is bool:
+            extra[key] = value.lower() in ("1", "true", "yes")
+        else:
+            extra[key] = value if kind in (str, type(None)) else kind(value)
     tmp = None if a.out else tempfile.mkdtemp()
     out = Path(a.out or tmp) / "healed"
     original = AutoModelForCausalLM.from_pretrained(a.original).eval()

@@ -95,8 +95,9 @@ class BorrowCost(DistantAttention):
         kpos = torch.arange(t, device=q.device)[None, :]
         causal = kpos <= qpos
         distant = (kpos >= self.sink) & (qpos - kpos > self.recent) & causal
-        has = distant.any(-1)
-        if not bool(has.any()):
+        # the queries that see a distant token are the last n (positions >= sink + recent + 1)
+        n = t - max(t - nq, self.sink + self.recent + 1)
+        if n <= 0:
             return
         v = value.float().repeat_interleave(groups, dim=1)
 
@@ -107,23 +108,25 @@ class BorrowCost(DistantAttention):
         own = scores(key)
         out = torch.softmax(own.masked_fill(~causal, float("-inf")), dim=-1) @ v
         w = self._out_weight(layer)
-        resid = self._resid.pop(layer)[:, -nq:].float().pow(2).sum(-1)[:, has]  # (b, queries)
+        resid = self._resid.pop(layer)[:, -n:].float().pow(2).sum(-1)  # (b, n)
         d = v.shape[-1]
+        # the output projection's columns per KV head: (KV, groups * d, hidden)
+        w = w.view(w.shape[0], self.kv, groups * d).permute(1, 2, 0)
+        if self.cost.device != q.device:  # accumulate where the model runs (no sync per layer)
+            self.cost = self.cost.to(q.device)
         for depth, bottom in enumerate(below):
             s = torch.where(distant, scores(self._keys[bottom]), own)
             delta = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ v - out
-            delta = delta[:, :, has]  # (b, heads, queries, d)
-            for h in range(self.kv):
-                heads = delta[:, h * groups : (h + 1) * groups].transpose(1, 2).flatten(2)
-                cols = w[:, h * groups * d : (h + 1) * groups * d]
-                err = (heads @ cols.T).pow(2).sum(-1) / resid.clamp_min(1e-30)
-                self.cost[layer, h, depth] += float(err.mean(-1).sum())
+            delta = delta[:, :, -n:].view(b, self.kv, groups, n, d).transpose(2, 3)
+            err = (delta.reshape(b, self.kv, n, groups * d) @ w).pow(2).sum(-1)  # (b, KV, n)
+            err = err / resid.clamp_min(1e-30)[:, None]
+            self.cost[layer, :, depth] += err.mean(-1).sum(0).double()
         for old in [k for k in self._keys if all(k not in c for c in self.below[layer + 1 :])]:
             del self._keys[old]  # no later layer reads it
 
     def costs(self) -> np.ndarray:
         """(L, KV, depth), averaged over the calibration sequences."""
-        return (self.cost / max(self.count, 1)).numpy()
+        return (self.cost / max(self.count, 1)).cpu().numpy()
 
 
 @torch.inference_mode()
