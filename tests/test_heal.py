@@ -369,6 +369,11 @@ def test_pod_output_heals_the_borrowing_layers_only(tiny_models, tmp_path):
         recent=2,
         progress=False,
     )
+    short = HealOptions(original=str(src), converted=str(conv), output=str(tmp_path / "x"))
+    with pytest.raises(
+        KVConvertError, match=r"seq_len: .* 4 tokens have no distant token.*above 4"
+    ):
+        heal(replace(short, **{**SMALL, "seq_len": 4, "steps": 1}), progress=False)
     opts = HealOptions(
         original=str(src),
         converted=str(conv),

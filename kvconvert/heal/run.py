@@ -689,8 +689,9 @@ def check_distant_tokens(config: Any, seq_len: int) -> None:
     """A PoD model differs from the original only on distant tokens: training sequences no
     longer than sink + recent + 1 tokens would teach it nothing."""
     sink, recent = getattr(config, "pod_sink", None), getattr(config, "pod_recent", None)
-    if sink is None or recent is None:
-        return
+    pod_map = getattr(config, "pod_map", None) or []
+    if sink is None or recent is None or all(b == i for i, row in enumerate(pod_map) for b in row):
+        return  # not PoD, or no layer borrows (nothing to heal, said later)
     if seq_len <= sink + recent + 1:
         raise KVConvertError(
             f"seq_len: this PoD model keeps its own keys for the first {sink} and the last "

@@ -149,6 +149,21 @@ def test_unreachable_target_names_the_maximum():
         blocks_by_cost(cost, 0.3, 0, 0, 100)
 
 
+def test_heal_seq_len_without_distant_tokens_is_refused_before_converting(deep_llama, tmp_path):
+    with pytest.raises(KVConvertError, match="heal_seq_len: .* 8 tokens have no distant"):
+        kvconvert.convert(
+            deep_llama,
+            str(tmp_path / "o"),
+            target="pod",
+            sink=2,
+            recent=8,
+            heal_steps=5,
+            heal_seq_len=8,
+            progress=False,
+        )
+    assert not (tmp_path / "o").exists()
+
+
 def test_cost_needs_a_saving_target(deep_llama, tmp_path):
     with pytest.raises(
         KVConvertError, match="map_by: cost chooses the map that reaches a --kv-saving"
