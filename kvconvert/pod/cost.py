@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..arch import AttentionAdapter
-from ..errors import KVConvertError
-from .similarity import DistantAttention
+from .similarity import DistantAttention, run_probe
 
 #: queries per calibration sequence whose error is measured
 NUM_QUERIES_COST = 64
@@ -129,7 +127,6 @@ class BorrowCost(DistantAttention):
         return (self.cost / max(self.count, 1)).cpu().numpy()
 
 
-@torch.inference_mode()
 def borrow_cost(
     model: torch.nn.Module,
     adapter: AttentionAdapter,
@@ -144,16 +141,6 @@ def borrow_cost(
 ) -> tuple[np.ndarray, np.ndarray]:
     """cost[l, h, d - 1] (see ``BorrowCost``) from ``tokens``, (L, KV, depth), and the
     similarity matrix ``layer_similarity`` gives, measured in the same pass."""
-    if tokens.shape[1] <= sink + recent + 1:
-        raise KVConvertError(
-            f"seq_len: calibration sequences of {tokens.shape[1]} tokens have no distant tokens "
-            f"with sink {sink} + recent {recent}; use --seq-len above {sink + recent + 1} or a "
-            "smaller --recent"
-        )
-    device = next(model.parameters()).device
-    with BorrowCost(model, adapter, config, sink, recent, depth, windows) as acc:
-        n = (tokens.shape[0] + batch_size - 1) // batch_size
-        for i in tqdm(range(n), desc="borrowing cost", disable=not progress):
-            batch = tokens[i * batch_size : (i + 1) * batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-    return acc.costs(), acc.result()
+    probe = BorrowCost(model, adapter, config, sink, recent, depth, windows)
+    run_probe(probe, tokens, batch_size, "borrowing cost", progress)
+    return probe.costs(), probe.result()

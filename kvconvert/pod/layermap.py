@@ -148,12 +148,27 @@ def blocks_for_saving(
         if predicted_saving(pod_map, sink, recent, context, windows) >= target:
             return pod_map
     best = predicted_saving(pod_map, sink, recent, context, windows)
-    raise KVConvertError(
+    why = "the saving is capped at 50% since values are never shared"
+    if windows and any(windows):
+        why += ", and sliding-window layers never share"
+    raise unreachable(target, context, sink, recent, max_block, keep_first, best, why)
+
+
+def unreachable(
+    target: float,
+    context: int,
+    sink: int,
+    recent: int,
+    max_block: int | None,
+    keep_first: int,
+    best: float,
+    why: str,
+) -> KVConvertError:
+    """The error of a --kv-saving target no map reaches, naming the reachable maximum."""
+    return KVConvertError(
         f"kv_saving: {target:.1%} cannot be reached at {context} tokens with sink {sink}, "
         f"recent {recent}, max_block {max_block}, keep_first {keep_first}: at most {best:.1%} "
-        "(the saving is capped at 50% since values are never shared"
-        + (", and sliding-window layers never share" if windows and any(windows) else "")
-        + ")"
+        f"({why})"
     )
 
 
@@ -238,11 +253,8 @@ def blocks_by_cost(
     reachable = np.flatnonzero(np.isfinite(total[kv]))
     if need is None or need > reachable.max():
         best = each * int(reachable.max())
-        raise KVConvertError(
-            f"kv_saving: {target:.1%} cannot be reached at {context} tokens with sink {sink}, "
-            f"recent {recent}, max_block {max_block}, keep_first {keep_first}: at most "
-            f"{best:.1%} (blocks of at most {depth + 1} layers; values are never shared)"
-        )
+        why = f"blocks of at most {depth + 1} layers; values are never shared"
+        raise unreachable(target, context, sink, recent, max_block, keep_first, best, why)
     rows = identity_map(num_layers, kv)
     k = need
     for h in range(kv - 1, -1, -1):

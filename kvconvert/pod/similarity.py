@@ -143,6 +143,25 @@ class DistantAttention:
 
 
 @torch.inference_mode()
+def run_probe(
+    probe: DistantAttention, tokens: torch.Tensor, batch_size: int, desc: str, progress: bool
+) -> DistantAttention:
+    """Push ``tokens`` through the probe's model in batches, the probe registered."""
+    if tokens.shape[1] <= probe.sink + probe.recent + 1:
+        raise KVConvertError(
+            f"seq_len: calibration sequences of {tokens.shape[1]} tokens have no distant tokens "
+            f"with sink {probe.sink} + recent {probe.recent}; use --seq-len above "
+            f"{probe.sink + probe.recent + 1} or a smaller --recent"
+        )
+    device = next(probe.model.parameters()).device
+    with probe:
+        n = (tokens.shape[0] + batch_size - 1) // batch_size
+        for i in tqdm(range(n), desc=desc, disable=not progress):
+            batch = tokens[i * batch_size : (i + 1) * batch_size].to(device)
+            probe.model(input_ids=batch, use_cache=False)
+    return probe
+
+
 def layer_similarity(
     model: torch.nn.Module,
     adapter: AttentionAdapter,
@@ -155,16 +174,5 @@ def layer_similarity(
     windows: list[int | None] | None = None,
 ) -> np.ndarray:
     """1 - JSD of consecutive layers' distant-token attention, (L - 1, KV), from ``tokens``."""
-    if tokens.shape[1] <= sink + recent + 1:
-        raise KVConvertError(
-            f"seq_len: calibration sequences of {tokens.shape[1]} tokens have no distant tokens "
-            f"with sink {sink} + recent {recent}; use --seq-len above {sink + recent + 1} or a "
-            "smaller --recent"
-        )
-    device = next(model.parameters()).device
-    with DistantAttention(model, adapter, config, sink, recent, windows=windows) as acc:
-        n = (tokens.shape[0] + batch_size - 1) // batch_size
-        for i in tqdm(range(n), desc="layer similarity", disable=not progress):
-            batch = tokens[i * batch_size : (i + 1) * batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-    return acc.result()
+    probe = DistantAttention(model, adapter, config, sink, recent, windows=windows)
+    return run_probe(probe, tokens, batch_size, "layer similarity", progress).result()

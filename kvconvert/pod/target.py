@@ -69,23 +69,10 @@ def choose_map(
 ) -> tuple[list[list[int]], str]:
     """The layer map: the least borrowing cost for a saving target (``cost``), else from
     similarities: the most similar merges for a saving target, or the threshold."""
-    if cost is not None:
-        assert recipe.kv_saving is not None  # checked by Recipe.validate
-        pod_map = blocks_by_cost(
-            cost,
-            recipe.kv_saving,
-            recipe.sink,
-            recipe.recent,
-            context,
-            recipe.max_block,
-            recipe.keep_first,
-            windows,
-        )
-        return pod_map, f"kv_saving {recipe.kv_saving} at {context} tokens, least borrowing cost"
-    assert similarity is not None
     if recipe.kv_saving is not None:
-        pod_map = blocks_for_saving(
-            similarity,
+        by_cost = cost is not None
+        pod_map = (blocks_by_cost if by_cost else blocks_for_saving)(
+            cost if by_cost else similarity,
             recipe.kv_saving,
             recipe.sink,
             recipe.recent,
@@ -94,7 +81,9 @@ def choose_map(
             recipe.keep_first,
             windows,
         )
-        return pod_map, f"kv_saving {recipe.kv_saving} at {context} tokens, most similar first"
+        order = "least borrowing cost" if by_cost else "most similar first"
+        return pod_map, f"kv_saving {recipe.kv_saving} at {context} tokens, {order}"
+    assert similarity is not None
     pod_map = blocks_from_threshold(
         similarity, recipe.threshold, recipe.max_block, recipe.keep_first, windows
     )

@@ -174,34 +174,14 @@ def test_cost_needs_a_saving_target(deep_llama, tmp_path):
 
 
 def test_saving_target_records_cost_and_similarity(deep_llama, tmp_path):
-    out = kvconvert.convert(
-        deep_llama,
-        str(tmp_path / "o"),
-        target="pod",
-        kv_saving=0.1,
-        sink=SINK,
-        recent=RECENT,
-        num_samples=4,
-        seq_len=T,
-        batch_size=4,
-        progress=False,
-    )
+    common = dict(target="pod", kv_saving=0.1, sink=SINK, recent=RECENT, seq_len=T, progress=False)
+    common.update(num_samples=4, batch_size=4)
+    out = kvconvert.convert(deep_llama, str(tmp_path / "o"), **common)
     rep = json.loads((out / "kvconvert.json").read_text())
     assert rep["target"]["map_by"] == "cost" and "least borrowing cost" in rep["target"]["map_from"]
     assert rep["target"]["predicted_kv_saving"] >= 0.1
     assert len(rep["borrow_cost"]["matrix"]) == 4 and len(rep["similarity"]["matrix"]) == 3
-    sim = kvconvert.convert(
-        deep_llama,
-        str(tmp_path / "s"),
-        target="pod",
-        kv_saving=0.1,
-        map_by="similarity",
-        sink=SINK,
-        recent=RECENT,
-        num_samples=4,
-        seq_len=T,
-        batch_size=4,
-        progress=False,
-    )
+    sim = kvconvert.convert(deep_llama, str(tmp_path / "s"), map_by="similarity", **common)
     rep = json.loads((sim / "kvconvert.json").read_text())
     assert rep["target"]["map_by"] == "similarity" and rep["borrow_cost"]["matrix"] is None
+    assert "most similar first" in rep["target"]["map_from"]
