@@ -689,8 +689,7 @@ def check_distant_tokens(config: Any, seq_len: int) -> None:
     """A PoD model differs from the original only on distant tokens: training sequences no
     longer than sink + recent + 1 tokens would teach it nothing."""
     sink, recent = getattr(config, "pod_sink", None), getattr(config, "pod_recent", None)
-    pod_map = getattr(config, "pod_map", None) or []
-    if sink is None or recent is None or all(b == i for i, row in enumerate(pod_map) for b in row):
+    if sink is None or recent is None or not borrowing_layers(config):
         return  # not PoD, or no layer borrows (nothing to heal, said later)
     if seq_len <= sink + recent + 1:
         raise KVConvertError(
@@ -700,13 +699,19 @@ def check_distant_tokens(config: Any, seq_len: int) -> None:
         )
 
 
+def borrowing_layers(config: Any) -> set[int]:
+    """The layers of a PoD model that read another layer's keys (``config.pod_map``); none
+    for other models."""
+    pod_map = getattr(config, "pod_map", None) or []
+    return {layer for layer, row in enumerate(pod_map) if any(b != layer for b in row)}
+
+
 def borrowing_attention(model: torch.nn.Module) -> set[str]:
     """A PoD output keeps every weight: what must adapt is the attention of the layers that
-    read another layer's keys (``config.pod_map``), so those attention blocks train."""
-    pod_map = getattr(model.config, "pod_map", None)
-    if not pod_map:
+    read another layer's keys, so those attention blocks train."""
+    borrowing = borrowing_layers(model.config)
+    if not borrowing:
         return set()
-    borrowing = {layer for layer, row in enumerate(pod_map) if any(b != layer for b in row)}
     return {
         name
         for name, mod in model.named_modules()

@@ -43,6 +43,8 @@ class BorrowCost(DistantAttention):
                 p = self.prev[p]
             self.below.append(chain)
             self.cost[layer, :, : len(chain)] = 0
+        # per layer whose keys some block may start from: the last layer that reads them
+        self.last_reader = {b: layer for layer, chain in enumerate(self.below) for b in chain}
         self._keys: dict[int, torch.Tensor] = {}
         self._resid: dict[int, torch.Tensor] = {}
         self._hooks: list = []
@@ -79,8 +81,7 @@ class BorrowCost(DistantAttention):
     def _layer(self, module, query, key, value, scaling, softcap) -> None:
         super()._layer(module, query, key, value, scaling, softcap)  # the similarity too
         layer = module.layer_idx
-        later = any(layer in chain for chain in self.below)
-        if later:
+        if layer in self.last_reader:
             self._keys[layer] = key
         below = self.below[layer]
         if not below:
@@ -92,7 +93,7 @@ class BorrowCost(DistantAttention):
         qpos = torch.arange(t - nq, t, device=q.device)[:, None]
         kpos = torch.arange(t, device=q.device)[None, :]
         causal = kpos <= qpos
-        distant = (kpos >= self.sink) & (qpos - kpos > self.recent) & causal
+        distant = (kpos >= self.sink) & (qpos - kpos > self.recent)  # earlier than the window
         # the queries that see a distant token are the last n (positions >= sink + recent + 1)
         n = t - max(t - nq, self.sink + self.recent + 1)
         if n <= 0:
@@ -119,7 +120,7 @@ class BorrowCost(DistantAttention):
             err = (delta.reshape(b, self.kv, n, groups * d) @ w).pow(2).sum(-1)  # (b, KV, n)
             err = err / resid.clamp_min(1e-30)[:, None]
             self.cost[layer, :, depth] += err.mean(-1).sum(0).double()
-        for old in [k for k in self._keys if all(k not in c for c in self.below[layer + 1 :])]:
+        for old in [k for k in self._keys if self.last_reader[k] <= layer]:
             del self._keys[old]  # no later layer reads it
 
     def costs(self) -> np.ndarray:

@@ -196,8 +196,7 @@ def _head_costs(
     """For one KV head, over the chain of layers that may share: best[k] = the least summed
     cost of covering the whole chain with blocks holding k borrowers, and back-pointers."""
     n = len(chain)
-    inf = np.inf
-    best = np.full((n + 1, n), inf)  # best[p + 1, k]: chain[0..p] covered, k borrowers
+    best = np.full((n + 1, n), np.inf)  # best[p + 1, k]: chain[0..p] covered, k borrowers
     best[0, 0] = 0
     back: list[list[tuple[int, int] | None]] = [[None] * n for _ in range(n + 1)]
     for p in range(n):  # the block ending at chain[p] starts at chain[s]
