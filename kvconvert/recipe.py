@@ -222,8 +222,14 @@ class Recipe:
     heal_final_lr: float = option(
         0.1, "Where healing's cosine lr decay ends, as a fraction of the peak.", type=float
     )
-    heal_batch_size: int = option(8, "Healing sequences per step.", type=int)
-    heal_seq_len: int = option(128, "Healing tokens per sequence.", type=int)
+    heal_batch_size: int | None = option(
+        None, "Healing sequences per step (default: 1024 tokens' worth).", type=int
+    )
+    heal_seq_len: int | None = option(
+        None,
+        "Healing tokens per sequence (default: 128; 4 x (sink + recent) for PoD).",
+        type=int,
+    )
     heal_num_samples: int = option(2048, "Healing training sequences from --calibration.", type=int)
     heal_resume: bool = option(False, "Resume an interrupted healing run (conversion is redone).")
     # --- layer-sequential engine, resume, dry run ------------------------------------------
@@ -332,6 +338,7 @@ class Recipe:
         if (
             self.heal_steps
             and self.recent is not None
+            and self.heal_seq_len is not None
             and self.heal_seq_len <= self.sink + self.recent + 1
         ):
             raise KVConvertError(

@@ -389,3 +389,26 @@ def test_pod_output_heals_the_borrowing_layers_only(tiny_models, tmp_path):
     before, after = load_file(conv / "model.safetensors"), load_file(out / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("model.layers.1.self_attn.") for k in changed)
+
+
+def test_automatic_lengths_give_pod_outputs_distant_tokens_and_keep_step_tokens():
+    """Unset --seq-len/--batch-size: 8 x 128 tokens, but a PoD output whose layers borrow keys
+    trains on 4 x (sink + recent) tokens (otherwise heal's default would refuse it), with the
+    batch shrunk to keep 1024 tokens a step; values a user sets are kept."""
+    from types import SimpleNamespace
+
+    def lengths(config, **set_):
+        o = HealOptions(original="a", converted="b", output="c", **set_)
+        o.resolve_lengths(config)
+        return o.seq_len, o.batch_size
+
+    gqa = SimpleNamespace(num_hidden_layers=2)
+    borrowing = SimpleNamespace(pod_sink=16, pod_recent=112, pod_map=[[0, 0], [0, 1]])
+    identity = SimpleNamespace(pod_sink=16, pod_recent=112, pod_map=[[0, 0], [1, 1]])
+    small = SimpleNamespace(pod_sink=1, pod_recent=2, pod_map=[[0], [0]])
+    assert lengths(gqa) == (128, 8)
+    assert lengths(borrowing) == (512, 2)
+    assert lengths(identity) == (128, 8)
+    assert lengths(small) == (128, 8)  # never below the default length
+    assert lengths(borrowing, seq_len=300) == (300, 3)
+    assert lengths(borrowing, batch_size=5) == (512, 5)

@@ -19,6 +19,10 @@ SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEACHER_DEVICES = ("same", "cpu")
 
+#: Default tokens per training sequence, and per micro-batch (batch_size x seq_len).
+SEQ_LEN = 128
+STEP_TOKENS = 1024
+
 #: Options that do not change what a run computes; a --resume may change them.
 RUNTIME_ONLY = ("output", "device", "teacher_device", "save_every", "resume", "overwrite")
 
@@ -35,7 +39,12 @@ class HealOptions:
         short="-o",
         required=True,
     )
-    steps: int = option(300, "Optimiser steps.", type=int)
+    steps: int = option(
+        100,
+        "Optimiser steps (100: under 30 min for SmolLM2-135M on 2 CPU cores, sampling "
+        "included; docs/heal.md).",
+        type=int,
+    )
     train: str = option(
         "attention",
         "attention: only the attention blocks the conversion changed (q/k/v/o of merged layers); "
@@ -65,9 +74,20 @@ class HealOptions:
         "end of a run).",
         type=float,
     )
-    batch_size: int = option(8, "Sequences per micro-batch.", type=int)
+    batch_size: int | None = option(
+        None,
+        f"Sequences per micro-batch (default: {STEP_TOKENS} tokens' worth, at least 1: 8 at "
+        "128 tokens).",
+        type=int,
+    )
     grad_accum: int = option(1, "Micro-batches per optimiser step.", type=int)
-    seq_len: int = option(128, "Tokens per training sequence.", type=int)
+    seq_len: int | None = option(
+        None,
+        f"Tokens per training sequence (default: {SEQ_LEN}; for a PoD output whose layers "
+        "borrow keys, 4 x (sink + recent), so that most tokens have distant tokens to learn "
+        "from).",
+        type=int,
+    )
     num_samples: int = option(
         2048, "Training sequences drawn from --calibration (cycled through).", type=int
     )
@@ -127,13 +147,15 @@ class HealOptions:
             raise KVConvertError(f"threads: must be a positive integer, got {self.threads!r}")
         for key in ("steps", "batch_size", "grad_accum", "num_samples"):
             v = getattr(self, key)
+            if v is None and key == "batch_size":
+                continue
             if not isinstance(v, int) or v < 1:
                 raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
         for key in ("lora", "eval_samples", "save_every"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 0:
                 raise KVConvertError(f"{key}: must be a non-negative integer, got {v!r}")
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise KVConvertError("seq_len: must be at least 2")
         if self.lr is not None and not self.lr > 0:
             raise KVConvertError(f"lr: must be positive, got {self.lr!r}")
@@ -150,6 +172,22 @@ class HealOptions:
             )
         return self
 
+    def resolve_lengths(self, config: Any) -> HealOptions:
+        """Fill the automatic ``seq_len`` and ``batch_size`` from the converted model's config.
+
+        A PoD model differs from the original only where a query has distant tokens (beyond
+        the first ``pod_sink`` and the last ``pod_recent``), so its sequences are 4 x (sink +
+        recent) long; the batch keeps a step at ``STEP_TOKENS`` tokens either way
+        (docs/heal.md).
+        """
+        if self.seq_len is None:
+            sink, recent = getattr(config, "pod_sink", None), getattr(config, "pod_recent", None)
+            pod = sink is not None and recent is not None and borrowing_layers(config)
+            self.seq_len = max(SEQ_LEN, 4 * (sink + recent)) if pod else SEQ_LEN
+        if self.batch_size is None:
+            self.batch_size = max(1, STEP_TOKENS // self.seq_len)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -160,6 +198,13 @@ class HealOptions:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def borrowing_layers(config: Any) -> set[int]:
+    """The layers of a PoD model that read another layer's keys (``config.pod_map``); none
+    for other models."""
+    pod_map = getattr(config, "pod_map", None) or []
+    return {layer for layer, row in enumerate(pod_map) if any(b != layer for b in row)}
 
 
 def heal_options_from(recipe: Recipe, converted: str) -> HealOptions:

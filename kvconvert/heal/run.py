@@ -62,7 +62,7 @@ from ..loading import (
 from ..source import TensorSource, check_derived, read_config, resolve_source
 from ..writer import atomic_output, check_output, write_json
 from .lora import LoRALinear, add_lora
-from .options import HealOptions
+from .options import HealOptions, borrowing_layers
 
 STATE_VERSION = 1
 #: Most sequences sampled together when the training text is sampled from the original (fewer
@@ -127,6 +127,7 @@ class HealRun:
             opts.trust_remote_code,
         )
         self.teacher.requires_grad_(False)
+        opts.resolve_lengths(self.student.config)
         check_distant_tokens(self.student.config, opts.seq_len)
         self.changed = changed_parameters(self.student, self.teacher, self.tensors)
         self.scopes = converted_modules(self.student, self.changed) | borrowing_attention(
@@ -697,13 +698,6 @@ def check_distant_tokens(config: Any, seq_len: int) -> None:
             f"{recent} tokens, so sequences of {seq_len} tokens have no distant token to learn "
             f"from; use --seq-len above {sink + recent + 1}"
         )
-
-
-def borrowing_layers(config: Any) -> set[int]:
-    """The layers of a PoD model that read another layer's keys (``config.pod_map``); none
-    for other models."""
-    pod_map = getattr(config, "pod_map", None) or []
-    return {layer for layer, row in enumerate(pod_map) if any(b != layer for b in row)}
 
 
 def borrowing_attention(model: torch.nn.Module) -> set[str]:
