@@ -181,9 +181,8 @@ class HealOptions:
         (docs/heal.md).
         """
         if self.seq_len is None:
-            sink, recent = getattr(config, "pod_sink", None), getattr(config, "pod_recent", None)
-            pod = sink is not None and recent is not None and borrowing_layers(config)
-            self.seq_len = max(SEQ_LEN, 4 * (sink + recent)) if pod else SEQ_LEN
+            window = proximal_window(config)
+            self.seq_len = SEQ_LEN if window is None else max(SEQ_LEN, 4 * sum(window))
         if self.batch_size is None:
             self.batch_size = max(1, STEP_TOKENS // self.seq_len)
         return self
@@ -205,6 +204,15 @@ def borrowing_layers(config: Any) -> set[int]:
     for other models."""
     pod_map = getattr(config, "pod_map", None) or []
     return {layer for layer, row in enumerate(pod_map) if any(b != layer for b in row)}
+
+
+def proximal_window(config: Any) -> tuple[int, int] | None:
+    """(sink, recent) of a PoD model some of whose layers borrow keys; None for other models
+    (not PoD, or an identity map: nothing differs from the original)."""
+    sink, recent = getattr(config, "pod_sink", None), getattr(config, "pod_recent", None)
+    if sink is None or recent is None or not borrowing_layers(config):
+        return None
+    return sink, recent
 
 
 def heal_options_from(recipe: Recipe, converted: str) -> HealOptions:

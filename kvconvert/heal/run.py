@@ -62,7 +62,7 @@ from ..loading import (
 from ..source import TensorSource, check_derived, read_config, resolve_source
 from ..writer import atomic_output, check_output, write_json
 from .lora import LoRALinear, add_lora
-from .options import HealOptions, borrowing_layers
+from .options import HealOptions, borrowing_layers, proximal_window
 
 STATE_VERSION = 1
 #: Most sequences sampled together when the training text is sampled from the original (fewer
@@ -689,9 +689,10 @@ def converted_modules(model: torch.nn.Module, changed: set[str]) -> set[str]:
 def check_distant_tokens(config: Any, seq_len: int) -> None:
     """A PoD model differs from the original only on distant tokens: training sequences no
     longer than sink + recent + 1 tokens would teach it nothing."""
-    sink, recent = getattr(config, "pod_sink", None), getattr(config, "pod_recent", None)
-    if sink is None or recent is None or not borrowing_layers(config):
+    window = proximal_window(config)
+    if window is None:
         return  # not PoD, or no layer borrows (nothing to heal, said later)
+    sink, recent = window
     if seq_len <= sink + recent + 1:
         raise KVConvertError(
             f"seq_len: this PoD model keeps its own keys for the first {sink} and the last "

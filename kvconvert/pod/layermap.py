@@ -29,6 +29,11 @@ def num_blocks(pod_map: list[list[int]]) -> int:
     return sum(b == layer for layer, row in enumerate(pod_map) for b in row)
 
 
+def full_layers(num_layers: int, windows: list[int | None] | None = None) -> list[int]:
+    """The full-attention layers (no sliding window): the only ones that may share keys."""
+    return [layer for layer, w in enumerate(windows or [None] * num_layers) if w is None]
+
+
 def links(num_layers: int, windows: list[int | None] | None = None) -> list[int | None]:
     """Per layer, the layer whose block it may join: the previous full-attention layer (None
     for the first one and for sliding-window layers)."""
@@ -182,7 +187,7 @@ def saving_per_borrower(
 ) -> float:
     """The predicted saving one borrowing (layer, KV head) brings: all borrowers save the same
     (``predicted_saving`` counts them), so a target needs ceil(target / this) of them."""
-    full = [layer for layer, w in enumerate(windows or [None] * num_layers) if w is None]
+    full = full_layers(num_layers, windows)
     if len(full) < 2:
         return 0.0
     one = identity_map(num_layers, kv)
@@ -235,7 +240,7 @@ def blocks_by_cost(
     num_layers, kv, depth = cost.shape
     if max_block is not None:
         depth = min(depth, max_block - 1)
-    chain = [layer for layer, w in enumerate(windows or [None] * num_layers) if w is None]
+    chain = full_layers(num_layers, windows)
     each = saving_per_borrower(num_layers, kv, sink, recent, context, windows)
     need = math.ceil(target / each - 1e-9) if each > 0 else None
     per_head = [_head_costs(cost, h, chain, depth, keep_first) for h in range(kv)]
@@ -301,7 +306,7 @@ def check_map(
             f"pod_map: needs {num_layers} rows (layers) of {num_kv_heads} entries (KV heads)"
         )
     windows = windows or [None] * num_layers
-    full = [i for i, w in enumerate(windows) if w is None]
+    full = full_layers(num_layers, windows)
     for layer, row in enumerate(pod_map):
         for h, b in enumerate(row):
             if not isinstance(b, int) or not 0 <= b <= layer:

@@ -143,34 +143,17 @@ class PodTarget(Target):
     ) -> None:
         src, recipe = self.src, self.recipe
         self.context = recipe.context or int(tokens.shape[1])
-        if map_by(recipe) == "cost":
+        probe = (model, src.adapter, src.config, tokens, recipe.sink, recipe.recent)
+        if map_by(recipe) == "cost":  # measures the similarity too, in the same pass
             depth = DEPTH if recipe.max_block is None else min(DEPTH, recipe.max_block - 1)
             self.cost, self.similarity = borrow_cost(
-                model,
-                src.adapter,
-                src.config,
-                tokens,
-                recipe.sink,
-                recipe.recent,
-                recipe.batch_size,
-                max(depth, 1),
-                progress,
-                self.windows,
+                *probe, recipe.batch_size, max(depth, 1), progress, self.windows
             )
-            self.pod_map, self.how = choose_map(recipe, None, self.context, self.windows, self.cost)
-            return
-        self.similarity = layer_similarity(
-            model,
-            src.adapter,
-            src.config,
-            tokens,
-            recipe.sink,
-            recipe.recent,
-            recipe.batch_size,
-            progress,
-            self.windows,
+        else:
+            self.similarity = layer_similarity(*probe, recipe.batch_size, progress, self.windows)
+        self.pod_map, self.how = choose_map(
+            recipe, self.similarity, self.context, self.windows, self.cost
         )
-        self.pod_map, self.how = choose_map(recipe, self.similarity, self.context, self.windows)
 
     def tensors(
         self, device: torch.device, out_dtype: torch.dtype | None, progress: bool
