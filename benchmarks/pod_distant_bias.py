@@ -49,46 +49,10 @@ class Gate(C.BorrowCost):
             self.num_layers, self.kv, self.depth, len(GRID), dtype=torch.float64
         )
 
-    @torch.no_grad()
-    def _layer(self, module, query, key, value, scaling, softcap):
-        C.DistantAttention._layer(self, module, query, key, value, scaling, softcap)
-        layer = module.layer_idx
-        if layer in self.last_reader:
-            self._keys[layer] = key
-        below = self.below[layer]
-        if not below:
-            return
-        b, _, t, _ = key.shape
-        nq = min(self.num_queries, t)
-        q = query[:, :, -nq:].float()
-        groups = q.shape[1] // self.kv
-        qpos = torch.arange(t - nq, t)[:, None]
-        kpos = torch.arange(t)[None, :]
-        causal = kpos <= qpos
-        distant = (kpos >= self.sink) & (qpos - kpos > self.recent)
-        n = t - max(t - nq, self.sink + self.recent + 1)
-        v = value.float().repeat_interleave(groups, dim=1)
-
-        def scores(k):
-            return (q @ k.float().repeat_interleave(groups, dim=1).transpose(-1, -2)) * scaling
-
-        own = scores(key)
-        out = torch.softmax(own.masked_fill(~causal, float("-inf")), dim=-1) @ v
-        w = self._out_weight(layer)
-        resid = self._resid.pop(layer)[:, -n:].float().pow(2).sum(-1)
-        d = v.shape[-1]
-        w = w.view(w.shape[0], self.kv, groups * d).permute(1, 2, 0)
-        for depth, bottom in enumerate(below):
-            sb = scores(self._keys[bottom])
-            for gi, beta in enumerate(GRID):
-                s = torch.where(distant, sb + beta, own)
-                delta = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ v - out
-                delta = delta[:, :, -n:].view(b, self.kv, groups, n, d).transpose(2, 3)
-                err = (delta.reshape(b, self.kv, n, groups * d) @ w).pow(2).sum(-1)
-                err = err / resid.clamp_min(1e-30)[:, None]
-                self.gcost[layer, :, depth, gi] += err.mean(-1).sum(0).double()
-        for old in [k for k in self._keys if self.last_reader[k] <= layer]:
-            del self._keys[old]
+    def _record(self, layer, depth, bottom_scores, own, distant, error):
+        for gi, beta in enumerate(GRID):
+            s = torch.where(distant, bottom_scores + beta, own)
+            self.gcost[layer, :, depth, gi] += error(s).to(self.gcost.device)
 
 
 t0 = time.time()

@@ -113,15 +113,24 @@ class BorrowCost(DistantAttention):
         w = w.view(w.shape[0], self.kv, groups * d).permute(1, 2, 0)
         if self.cost.device != q.device:  # accumulate where the model runs (no sync per layer)
             self.cost = self.cost.to(q.device)
-        for depth, bottom in enumerate(below):
-            s = torch.where(distant, scores(self._keys[bottom]), own)
+
+        def error(s: torch.Tensor) -> torch.Tensor:
+            """Per KV head, the summed relative error of attention scored by ``s``."""
             delta = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ v - out
             delta = delta[:, :, -n:].view(b, self.kv, groups, n, d).transpose(2, 3)
             err = (delta.reshape(b, self.kv, n, groups * d) @ w).pow(2).sum(-1)  # (b, KV, n)
             err = err / resid.clamp_min(1e-30)[:, None]
-            self.cost[layer, :, depth] += err.mean(-1).sum(0).double()
+            return err.mean(-1).sum(0).double()
+
+        for depth, bottom in enumerate(below):
+            self._record(layer, depth, scores(self._keys[bottom]), own, distant, error)
         for old in [k for k in self._keys if self.last_reader[k] <= layer]:
             del self._keys[old]  # no later layer reads it
+
+    def _record(self, layer, depth, bottom_scores, own, distant, error) -> None:
+        """Add the cost of scoring distant tokens with the bottom's keys (a by-hand benchmark
+        overrides this to try variants of those scores)."""
+        self.cost[layer, :, depth] += error(torch.where(distant, bottom_scores, own))
 
     def costs(self) -> np.ndarray:
         """(L, KV, depth), averaged over the calibration sequences."""
