@@ -8,6 +8,7 @@ YAML recipe file that ``--recipe`` reads back, in its ``recipe.yaml``.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -166,6 +167,13 @@ class Recipe:
         None, "PoD: most layers in one block (default: no limit).", type=int
     )
     keep_first: int = option(0, "PoD: the first N layers never borrow keys.", type=int)
+    distant_bias: str | None = option(
+        None,
+        "PoD: comma-separated biases, e.g. 0,-1,-2,-4; each borrowing head gets the one with "
+        "the least borrowing cost, added to the logits of the distant tokens it scores with "
+        "borrowed keys (negative: it leans on its own proximal keys). Needs --kv-saving "
+        "(map by cost). Default: no bias (docs/pod.md, Distant bias).",
+    )
     pod_map: str | None = option(
         None,
         "PoD: JSON file with the layer map, [[bottom layer per KV head] per layer] (or a "
@@ -352,11 +360,33 @@ class Recipe:
             raise KVConvertError(
                 f"kv_saving: must lie in (0, 0.5) (values are never shared), got {self.kv_saving}"
             )
+        grid = self.distant_biases()  # refuses unreadable text
+        if grid and (self.pod_map or self.kv_saving is None or self.map_by == "similarity"):
+            raise KVConvertError(
+                "distant_bias: the bias is chosen with the borrowing-cost map; give --kv-saving "
+                "F (with --map-by auto or cost) and no --pod-map"
+            )
         if self.map_by == "cost" and self.kv_saving is None and not self.pod_map:
             raise KVConvertError(
                 "map_by: cost chooses the map that reaches a --kv-saving target; give "
                 "--kv-saving F, or use --map-by similarity with --threshold"
             )
+
+    def distant_biases(self) -> tuple[float, ...]:
+        """``--distant-bias`` as numbers (empty when not given)."""
+        if self.distant_bias is None:
+            return ()
+        text = self.distant_bias
+        parts = text if isinstance(text, list | tuple) else str(text).split(",")
+        try:
+            grid = tuple(float(x) for x in parts)
+        except ValueError:
+            raise KVConvertError(
+                f"distant_bias: cannot read {text!r} (e.g. 0,-1,-2,-4: logit biases to choose from)"
+            ) from None
+        if not grid or any(not math.isfinite(b) for b in grid):
+            raise KVConvertError(f"distant_bias: {text!r} must be finite numbers, e.g. 0,-1,-2")
+        return tuple(sorted(set(grid), reverse=True))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

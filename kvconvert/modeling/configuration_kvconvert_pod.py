@@ -7,6 +7,10 @@ PoD fields, the same for every architecture:
 - ``pod_map``: ``pod_map[layer][kv_head]`` is the layer whose keys that head uses for distant
   tokens (the bottom of its block). ``pod_map[l][h] == l`` means the head keeps its own keys
   everywhere. ``None`` means every layer is its own block (the original model).
+- ``pod_distant_bias``: ``pod_distant_bias[layer][kv_head]`` is added to the attention logits
+  of the distant tokens a borrowing head scores with its block bottom's keys (0 where the head
+  keeps its own keys). A negative bias makes a head lean on its own proximal keys where the
+  borrowed ones mislead it. ``None``: no bias.
 
 ``KVConvertPodConfig`` describes Llama-layout sources (llama, mistral, qwen2) with resolved
 RoPE, bias and sliding-window facts; the ``KVConvertPod<Arch>Config`` classes are the stock
@@ -65,6 +69,7 @@ class KVConvertPodConfig(PreTrainedConfig):
     pod_sink: int = 16
     pod_recent: int = 4080
     pod_map: list[list[int]] | None = None
+    pod_distant_bias: list[list[float]] | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -80,6 +85,7 @@ class KVConvertPodConfig(PreTrainedConfig):
             self.attention_bias = self.attention_qkv_bias
         super().__post_init__(**kwargs)
         check_pod_map(self.pod_map, self.num_hidden_layers, self.num_key_value_heads)
+        check_pod_bias(self.pod_distant_bias, self.pod_map)
         if self.pod_sink < 0 or self.pod_recent < 0:
             raise ValueError("pod_sink and pod_recent must be >= 0")
 
@@ -96,6 +102,29 @@ def check_pod_map(pod_map: list[list[int]], num_layers: int, num_kv_heads: int) 
                 raise ValueError(
                     f"pod_map[{layer}][{head}] = {bottom}: layers {bottom}..{layer} must all "
                     f"use layer {bottom} for head {head} (blocks are consecutive layers)"
+                )
+
+
+def check_pod_bias(bias: list[list[float]] | None, pod_map: list[list[int]]) -> None:
+    """A valid distant bias: None, or a finite number per (layer, KV head), 0 where the head
+    keeps its own keys (only borrowed keys are biased)."""
+    if bias is None:
+        return
+    if len(bias) != len(pod_map) or any(
+        len(b) != len(m) for b, m in zip(bias, pod_map, strict=False)
+    ):
+        raise ValueError(
+            f"pod_distant_bias must be {len(pod_map)} rows of {len(pod_map[0])} numbers "
+            "(one per layer and KV head, like pod_map)"
+        )
+    for layer, row in enumerate(bias):
+        for head, b in enumerate(row):
+            if not isinstance(b, int | float) or b != b or abs(b) == float("inf"):
+                raise ValueError(f"pod_distant_bias[{layer}][{head}] = {b!r} is not a number")
+            if b != 0 and pod_map[layer][head] == layer:
+                raise ValueError(
+                    f"pod_distant_bias[{layer}][{head}] = {b}: layer {layer} keeps its own keys "
+                    f"for head {head}, only borrowed keys take a bias"
                 )
 
 
@@ -146,6 +175,7 @@ def check_pod_config(config) -> None:
                     f"{layer} must all use layer {bottom} for head {head} (blocks are runs of "
                     "consecutive layers)"
                 )
+    check_pod_bias(config.pod_distant_bias, pod_map)
     if config.pod_sink < 0 or config.pod_recent < 0:
         raise ValueError("pod_sink and pod_recent must be >= 0")
 
@@ -161,6 +191,7 @@ class PodConfigMixin:
     pod_sink: int = 16
     pod_recent: int = 4080
     pod_map: list[list[int]] | None = None
+    pod_distant_bias: list[list[float]] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

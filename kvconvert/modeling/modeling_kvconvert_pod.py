@@ -14,7 +14,9 @@ parallel residual, OPT's learned positions all stay the stock code's). Only two 
 both in the ``PodCache`` below: ``cache.update`` hands an upper layer of a block its distant
 keys from the block bottom and its proximal keys from its own window, and ``cache.masks``
 gives the matching proximal/distant mask, which the attention passes on in place of the stock
-mask. Public transformers API only; eager and SDPA attention. Reads top to bottom: cache,
+mask. A checkpoint may also carry ``pod_distant_bias``: per borrowing head, a number added to
+its distant tokens' logits (through that mask, which then becomes additive and per head).
+Public transformers API only; eager and SDPA attention. Reads top to bottom: cache,
 the two mixins, one small pair of classes per architecture.
 """
 
@@ -349,21 +351,43 @@ class PodAttentionMixin:
     layer's PoD mask (additive for eager attention, boolean for SDPA). ``pod_cache_kwarg`` is
     the keyword the stock decoder layer passes the cache under where it is neither ``cache``
     (transformers >= 5.24) nor ``past_key_values`` (before).
+
+    ``pod_bias``: this layer's row of ``config.pod_distant_bias`` (per KV head) when any entry
+    is non-zero, else None. Then the mask is additive with a head dimension, (batch, heads,
+    queries, keys), holding each head's bias on the distant keys ``PodCache.update`` put first.
     """
 
     pod_cache_kwarg = "past_key_values"
+    pod_bias: tuple[float, ...] | None = None
 
     def forward(self, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get(self.pod_cache_kwarg))
         if isinstance(cache, PodCache):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             mask = cache.masks(self.layer_idx, hidden.shape[1])
-            if self.config._attn_implementation == "eager":
+            low = torch.finfo(hidden.dtype).min
+            if self.pod_bias is not None and cache.layers[self.layer_idx].shares:
+                bias = self.pod_bias_row(cache.get_seq_length(), mask.shape[-1], hidden)
+                mask = torch.where(mask, bias, low)
+            elif self.config._attn_implementation == "eager":
                 mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(hidden.dtype).min
+                    ~mask, low
                 )
             kwargs["attention_mask"] = mask
         return super().forward(*args, **kwargs)
+
+    def pod_bias_row(self, distant: int, keys: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(1, heads, 1, keys): each query head's bias on the first ``distant`` keys, 0 after."""
+        heads = self.config.num_attention_heads
+        made = self.__dict__.setdefault("_pod_bias_on", {})  # one host-to-device copy per device
+        key = (hidden.device, hidden.dtype)
+        if key not in made:
+            per_kv = torch.tensor(self.pod_bias, dtype=hidden.dtype, device=hidden.device)
+            made[key] = per_kv.repeat_interleave(heads // len(self.pod_bias))
+        per_head = made[key]
+        row = hidden.new_zeros(1, heads, 1, keys)
+        row[..., :distant] = per_head[None, :, None, None]
+        return row
 
 
 class PodCausalLMMixin:
@@ -386,9 +410,12 @@ class PodCausalLMMixin:
     def __init__(self, config):
         super().__init__(config)
         stock, pod = self.pod_attention
+        biases = getattr(config, "pod_distant_bias", None)
         for module in self.modules():
             if type(module) is stock:
                 module.__class__ = pod
+                row = biases[module.layer_idx] if biases else None
+                module.pod_bias = tuple(float(b) for b in row) if row and any(row) else None
         self.pod_windows = sliding_windows(config)
 
     def forward(

@@ -51,6 +51,7 @@ def pod_model_card(
         ),
         f"- Layer map ({tgt['map_from']}), blocks per KV head: {tgt['blocks']}",
         f"- Predicted KV cache saving at {tgt['context']} tokens: {tgt['predicted_kv_saving']:.1%}",
+        *bias_lines(tgt),
         "",
         "## Fidelity",
         "",
@@ -85,3 +86,21 @@ def pod_model_card(
             "",
         ]
     return "\n".join(lines)
+
+
+def bias_lines(target: dict[str, Any]) -> list[str]:
+    """One line saying how many borrowing heads took each distant bias (none without one)."""
+    grid, bias = target.get("distant_bias_grid"), target.get("distant_bias")
+    if not grid or bias is None:
+        return []
+    borrowed = [
+        b
+        for layer, row in enumerate(target["pod_map"])
+        for h, b in zip(row, bias[layer], strict=True)
+        if h != layer
+    ]
+    counts = ", ".join(f"{g:g}: {borrowed.count(g)}" for g in grid)
+    return [
+        f"- Bias on borrowed distant logits, chosen per borrowing head from {grid} "
+        f"(`config.pod_distant_bias`); heads per bias: {counts}"
+    ]

@@ -32,8 +32,14 @@ def pod_config(
     sink: int,
     recent: int,
     trust_remote_code: bool = False,
+    distant_bias: list[list[float]] | None = None,
 ) -> dict[str, Any]:
-    """config.json of the PoD output: the source's, plus resolved RoPE/window facts and PoD."""
+    """config.json of the PoD output: the source's, plus resolved RoPE/window facts and PoD
+    (``pod_distant_bias`` only where a bias was chosen, so plain PoD configs stay as before)."""
+    pod = {"pod_sink": int(sink), "pod_recent": int(recent)}
+    pod["pod_map"] = [[int(b) for b in row] for row in pod_map]
+    if distant_bias is not None:
+        pod["pod_distant_bias"] = [[float(b) for b in row] for row in distant_bias]
     from transformers import AutoConfig
 
     stock = adapter.pod_models.get(source_config.get("model_type"))
@@ -47,9 +53,7 @@ def pod_config(
                 "AutoModelForCausalLM": f"modeling_kvconvert_pod.KVConvertPod{stock}ForCausalLM",
             },
             source_model_type=source_config.get("model_type"),
-            pod_sink=int(sink),
-            pod_recent=int(recent),
-            pod_map=[[int(b) for b in row] for row in pod_map],
+            **pod,
         )
         return out
     resolved = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -66,9 +70,7 @@ def pod_config(
         layer_types=getattr(resolved, "layer_types", None),
         attention_qkv_bias=adapter.tensor_name(0, "q", "bias") in tensor_names,
         attention_out_bias=adapter.tensor_name(0, "o", "bias") in tensor_names,
-        pod_sink=int(sink),
-        pod_recent=int(recent),
-        pod_map=[[int(b) for b in row] for row in pod_map],
+        **pod,
     )
     return out
 

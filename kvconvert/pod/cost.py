@@ -9,6 +9,10 @@ distant token. It is measured for every lower layer a block could start at (up t
 ``depth`` layers down), so a block's cost is the sum of its upper layers' costs against its
 bottom. docs/pod.md ("How the map is chosen") says why this, rather than the attention
 similarity, orders the merges.
+
+With ``biases`` (``--distant-bias``) each borrowing is also measured with every bias of the
+grid added to the borrowed distant logits, and keeps its cheapest: a head whose borrowed keys
+mislead it can lean on its own proximal keys instead (docs/pod.md, "Distant bias").
 """
 
 from __future__ import annotations
@@ -28,13 +32,18 @@ DEPTH = 7
 
 
 class BorrowCost(DistantAttention):
-    """cost[l, h, d - 1]: the relative residual error of layer l, KV head h, reading its distant
-    keys from the full-attention layer d links below it (NaN where there is none)."""
+    """cost[l, h, d - 1, g]: the relative residual error of layer l, KV head h, reading its
+    distant keys from the full-attention layer d links below it, with ``biases[g]`` added to
+    their logits (NaN where there is no such layer)."""
 
-    def __init__(self, model, adapter, config, sink, recent, depth=DEPTH, windows=None):
+    def __init__(
+        self, model, adapter, config, sink, recent, depth=DEPTH, windows=None, biases=(0.0,)
+    ):
         super().__init__(model, adapter, config, sink, recent, NUM_QUERIES_COST, windows)
         self.depth = depth
-        self.cost = torch.full((self.num_layers, self.kv, depth), float("nan"), dtype=torch.float64)
+        self.biases = tuple(float(b) for b in biases)
+        shape = (self.num_layers, self.kv, depth, len(self.biases))
+        self.cost = torch.full(shape, float("nan"), dtype=torch.float64)
         self.below: list[list[int]] = []  # per layer: the layers a block could start at
         for layer in range(self.num_layers):
             chain, p = [], self.prev[layer]
@@ -128,13 +137,17 @@ class BorrowCost(DistantAttention):
             del self._keys[old]  # no later layer reads it
 
     def _record(self, layer, depth, bottom_scores, own, distant, error) -> None:
-        """Add the cost of scoring distant tokens with the bottom's keys (a by-hand benchmark
-        overrides this to try variants of those scores)."""
-        self.cost[layer, :, depth] += error(torch.where(distant, bottom_scores, own))
+        """Add the cost of scoring distant tokens with the bottom's keys, once per bias."""
+        for g, bias in enumerate(self.biases):
+            scored = torch.where(distant, bottom_scores + bias if bias else bottom_scores, own)
+            self.cost[layer, :, depth, g] += error(scored)
 
-    def costs(self) -> np.ndarray:
-        """(L, KV, depth), averaged over the calibration sequences."""
-        return (self.cost / max(self.count, 1)).cpu().numpy()
+    def costs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L, KV, depth) each, averaged over the calibration sequences: the cost with the
+        cheapest bias, and that bias."""
+        cost = (self.cost / max(self.count, 1)).cpu().numpy()
+        pick = np.nan_to_num(cost, nan=np.inf).argmin(-1)
+        return cost.min(-1), np.asarray(self.biases)[pick]
 
 
 def borrow_cost(
@@ -148,9 +161,12 @@ def borrow_cost(
     depth: int = DEPTH,
     progress: bool = True,
     windows: list[int | None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """cost[l, h, d - 1] (see ``BorrowCost``) from ``tokens``, (L, KV, depth), and the
-    similarity matrix ``layer_similarity`` gives, measured in the same pass."""
-    probe = BorrowCost(model, adapter, config, sink, recent, depth, windows)
+    biases: tuple[float, ...] = (0.0,),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From ``tokens``: cost[l, h, d - 1] (see ``BorrowCost``) with the cheapest of ``biases``,
+    (L, KV, depth); that bias, same shape; and the similarity matrix ``layer_similarity``
+    gives, measured in the same pass."""
+    probe = BorrowCost(model, adapter, config, sink, recent, depth, windows, biases)
     run_probe(probe, tokens, batch_size, "borrowing cost", progress)
-    return probe.costs(), probe.result()
+    cost, bias = probe.costs()
+    return cost, bias, probe.result()

@@ -34,6 +34,23 @@ def full_layers(num_layers: int, windows: list[int | None] | None = None) -> lis
     return [layer for layer, w in enumerate(windows or [None] * num_layers) if w is None]
 
 
+def bias_per_head(
+    pod_map: list[list[int]], bias: np.ndarray, windows: list[int | None] | None = None
+) -> list[list[float]]:
+    """Per (layer, KV head), the distant bias ``bias[l, h, d - 1]`` of the bottom it borrows
+    from (d links down the chain of full-attention layers); 0 where it keeps its own keys."""
+    chain = full_layers(len(pod_map), windows)
+    return [
+        [
+            0.0
+            if bottom == layer
+            else float(bias[layer, h, chain.index(layer) - chain.index(bottom) - 1])
+            for h, bottom in enumerate(row)
+        ]
+        for layer, row in enumerate(pod_map)
+    ]
+
+
 def links(num_layers: int, windows: list[int | None] | None = None) -> list[int | None]:
     """Per layer, the layer whose block it may join: the previous full-attention layer (None
     for the first one and for sliding-window layers)."""

@@ -29,6 +29,7 @@ from .card import pod_model_card
 from .checkpoint import copy_modeling_files, pod_config
 from .cost import DEPTH, NUM_QUERIES_COST, borrow_cost
 from .layermap import (
+    bias_per_head,
     blocks_by_cost,
     blocks_for_saving,
     blocks_from_threshold,
@@ -130,6 +131,8 @@ class PodTarget(Target):
         self.windows = sliding_windows(src)
         self.similarity: np.ndarray | None = None
         self.cost: np.ndarray | None = None
+        #: per (layer, KV head), the bias on borrowed distant logits (``--distant-bias``)
+        self.distant_bias: list[list[float]] | None = None
         if recipe.pod_map:
             self.pod_map = load_map(recipe.pod_map, src.num_layers, src.num_kv_heads, self.windows)
             self.context = recipe.context or recipe.seq_len
@@ -146,14 +149,17 @@ class PodTarget(Target):
         probe = (model, src.adapter, src.config, tokens, recipe.sink, recipe.recent)
         if map_by(recipe) == "cost":  # measures the similarity too, in the same pass
             depth = DEPTH if recipe.max_block is None else min(DEPTH, recipe.max_block - 1)
-            self.cost, self.similarity = borrow_cost(
-                *probe, recipe.batch_size, max(depth, 1), progress, self.windows
+            grid = recipe.distant_biases() or (0.0,)
+            self.cost, bias, self.similarity = borrow_cost(
+                *probe, recipe.batch_size, max(depth, 1), progress, self.windows, grid
             )
         else:
             self.similarity = layer_similarity(*probe, recipe.batch_size, progress, self.windows)
         self.pod_map, self.how = choose_map(
             recipe, self.similarity, self.context, self.windows, self.cost
         )
+        if recipe.distant_biases():
+            self.distant_bias = bias_per_head(self.pod_map, bias, self.windows)
 
     def tensors(
         self, device: torch.device, out_dtype: torch.dtype | None, progress: bool
@@ -191,6 +197,7 @@ class PodTarget(Target):
             recipe.sink,
             recipe.recent,
             recipe.trust_remote_code,
+            self.distant_bias,
         )
         if out_dtype is not None:
             config["dtype"] = recipe.dtype
@@ -217,6 +224,8 @@ class PodTarget(Target):
                 "map_by": None if recipe.pod_map else map_by(recipe),
                 "context": context,
                 "predicted_kv_saving": saving,
+                "distant_bias": self.distant_bias,
+                "distant_bias_grid": list(recipe.distant_biases()) or None,
             },
             "similarity": {
                 "what": "1 - JSD (base 2) of distant-token attention, rows: layers (l, l+1), "

@@ -2,7 +2,8 @@
 
 Every layer computes full keys; an upper layer scores proximal keys (the first ``sink``
 positions, and keys at most ``recent`` positions back) with its own keys and distant keys with
-its block bottom's keys, in one softmax over all earlier tokens; values are its own.
+its block bottom's keys, in one softmax over all earlier tokens; values are its own. A
+distant bias, where given, is added to the distant tokens' scaled scores.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 @torch.inference_mode()
 def reference_logits(
-    stock: torch.nn.Module, ids: torch.Tensor, pod_map: list[list[int]], sink: int, recent: int
+    stock: torch.nn.Module,
+    ids: torch.Tensor,
+    pod_map: list[list[int]],
+    sink: int,
+    recent: int,
+    distant_bias: list[list[float]] | None = None,
 ) -> torch.Tensor:
     m = stock.model
     batch, length = ids.shape
@@ -40,7 +46,8 @@ def reference_logits(
             bottom = keys[pod_map[layer_idx][kv]][:, kv]
             own = q[:, head] @ k[:, kv].transpose(-1, -2)
             far = q[:, head] @ bottom.transpose(-1, -2)
-            scores = torch.where(proximal, own, far) * attn.scaling
+            bias = distant_bias[layer_idx][kv] if distant_bias else 0.0
+            scores = torch.where(proximal, own * attn.scaling, far * attn.scaling + bias)
             scores = scores.masked_fill(~causal, float("-inf"))
             heads.append(scores.softmax(-1) @ v[:, kv])
         out = torch.stack(heads, dim=2).reshape(batch, length, -1)

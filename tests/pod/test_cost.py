@@ -57,20 +57,33 @@ def _outputs(model, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.
     return got["o"], got["r"]
 
 
-@pytest.mark.parametrize(("layer", "head", "depth"), [(2, 1, 1), (3, 0, 1), (1, 0, 1)])
-def test_cost_is_the_error_the_pod_model_makes(deep_llama, tmp_path, layer, head, depth):
+@pytest.mark.parametrize(
+    ("layer", "head", "depth", "bias"),
+    [(2, 1, 1, 0.0), (3, 0, 1, 0.0), (1, 0, 1, 0.0), (2, 1, 1, -2.0)],
+)
+def test_cost_is_the_error_the_pod_model_makes(deep_llama, tmp_path, layer, head, depth, bias):
     """cost[l, h, 0] equals the residual error the written PoD model's layer l makes when only
-    head h borrows, from layer l - 1 (float32 rounding apart). Deeper bottoms run the same code
-    with another layer's keys; a block of several upper layers compounds, so no single layer
-    of a written model shows their cost alone."""
+    head h borrows, from layer l - 1 (float32 rounding apart), with its distant bias. Deeper
+    bottoms run the same code with another layer's keys; a block of several upper layers
+    compounds, so no single layer of a written model shows their cost alone."""
     ids = token_ids(n=3, length=T, seed=3)
     original = load(deep_llama)
     config = json.loads((Path(deep_llama) / "config.json").read_text())
-    cost, similarity = borrow_cost(
-        original, get_adapter("llama"), config, ids, SINK, RECENT, 2, depth=3, progress=False
+    cost, chosen, similarity = borrow_cost(
+        original,
+        get_adapter("llama"),
+        config,
+        ids,
+        SINK,
+        RECENT,
+        2,
+        depth=3,
+        progress=False,
+        biases=(bias,),
     )
     assert cost.shape == (4, 2, 3) and similarity.shape == (3, 2)
     assert np.isnan(cost[1, :, 1:]).all() and np.isfinite(cost[3]).all()
+    assert (chosen == bias).all()
 
     rows = [[i, i] for i in range(4)]
     for upper in range(layer - depth + 1, layer + 1):
@@ -86,6 +99,12 @@ def test_cost_is_the_error_the_pod_model_makes(deep_llama, tmp_path, layer, head
         seq_len=T,
         progress=False,
     )
+    if bias:  # the --pod-map path writes no bias: add the one measured
+        written = json.loads((out / "config.json").read_text())
+        written["pod_distant_bias"] = [
+            [bias if b != i else 0.0 for b in row] for i, row in enumerate(rows)
+        ]
+        (out / "config.json").write_text(json.dumps(written))
     pod = load(out, trust_remote_code=True)
     o_orig, resid = _outputs(original, layer, ids)
     o_pod, _ = _outputs(pod, layer, ids)
@@ -95,6 +114,23 @@ def test_cost_is_the_error_the_pod_model_makes(deep_llama, tmp_path, layer, head
     expected = float(err[:, has].mean(-1).mean())
     assert expected > 1e-4  # borrowing really changes this layer
     assert cost[layer, head, depth - 1] == pytest.approx(expected, rel=1e-3)
+
+
+def test_bias_grid_keeps_the_cheapest(deep_llama):
+    """With a grid, each entry is the least of the grid's costs, and names the bias that gave it."""
+    ids = token_ids(n=3, length=T, seed=3)
+    original = load(deep_llama)
+    config = json.loads((Path(deep_llama) / "config.json").read_text())
+    run = dict(depth=2, progress=False)
+    args = (original, get_adapter("llama"), config, ids, SINK, RECENT, 3)
+    grid = (0.0, -1.0, -4.0)
+    each = [borrow_cost(*args, biases=(b,), **run)[0] for b in grid]
+    cost, chosen, _ = borrow_cost(*args, biases=grid, **run)
+    ok = np.isfinite(cost)
+    stacked = np.stack(each, -1)[ok]  # (entries, grid)
+    assert np.allclose(cost[ok], stacked.min(-1), rtol=1e-6)
+    assert np.array_equal(chosen[ok], np.asarray(grid)[stacked.argmin(-1)])
+    assert len(set(chosen[ok].tolist())) > 1  # this model's heads do not all pick one bias
 
 
 def _brute_force(cost, target, max_block=None, keep_first=0):
@@ -171,6 +207,50 @@ def test_cost_needs_a_saving_target(deep_llama, tmp_path):
         kvconvert.convert(
             deep_llama, str(tmp_path / "o"), target="pod", map_by="cost", progress=False
         )
+
+
+def test_distant_bias_is_written_and_loads(deep_llama, tmp_path):
+    common = dict(target="pod", kv_saving=0.1, sink=SINK, recent=RECENT, seq_len=T, progress=False)
+    common.update(num_samples=4, batch_size=4)
+    out = kvconvert.convert(deep_llama, str(tmp_path / "o"), distant_bias="0,-2,-8", **common)
+    rep = json.loads((out / "kvconvert.json").read_text())
+    written = json.loads((out / "config.json").read_text())
+    pod_map, bias = rep["target"]["pod_map"], written["pod_distant_bias"]
+    assert bias == rep["target"]["distant_bias"] and rep["target"]["distant_bias_grid"] == [
+        0,
+        -2,
+        -8,
+    ]
+    chosen = [
+        b for i, row in enumerate(pod_map) for h, b in zip(row, bias[i], strict=True) if h != i
+    ]
+    assert chosen and all(b in (0, -2, -8) for b in chosen)
+    assert all(
+        b == 0 for i, row in enumerate(pod_map) for h, b in zip(row, bias[i], strict=True) if h == i
+    )
+    assert "Bias on borrowed distant logits" in (out / "README.md").read_text()
+    ids = token_ids(n=1, length=T, seed=5)
+    model = load(out, trust_remote_code=True)
+    with torch.inference_mode():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    plain = kvconvert.convert(deep_llama, str(tmp_path / "p"), **common)
+    assert "pod_distant_bias" not in json.loads((plain / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (dict(distant_bias="0,-x"), "distant_bias: cannot read '0,-x'"),
+        (dict(distant_bias="0,-inf"), "must be finite numbers"),
+        (dict(distant_bias="0,-1", map_by="similarity"), "distant_bias: the bias is chosen with"),
+        (dict(distant_bias="0,-1", kv_saving=None), "distant_bias: the bias is chosen with"),
+    ],
+)
+def test_distant_bias_bad_input(deep_llama, tmp_path, extra, message):
+    kw = dict(target="pod", kv_saving=0.1, sink=SINK, recent=RECENT, seq_len=T, progress=False)
+    with pytest.raises(KVConvertError, match=message):
+        kvconvert.convert(deep_llama, str(tmp_path / "o"), **{**kw, **extra})
+    assert not (tmp_path / "o").exists()
 
 
 def test_saving_target_records_cost_and_similarity(deep_llama, tmp_path):

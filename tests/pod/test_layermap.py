@@ -9,6 +9,7 @@ import pytest
 
 from kvconvert.errors import KVConvertError
 from kvconvert.pod.layermap import (
+    bias_per_head,
     blocks_for_saving,
     blocks_from_threshold,
     describe,
@@ -60,3 +61,18 @@ def test_map_files(tmp_path):
         load_map(f, 3, 2)
     with pytest.raises(KVConvertError, match="needs 4 rows"):
         load_map(f, 4, 2)
+
+
+def test_bias_per_head_counts_links_over_sliding_layers():
+    """bias[l, h, d - 1] is read d links down the chain of full-attention layers: with layer
+    2 sliding, layer 3 borrowing from layer 1 is one link down, from layer 0 two."""
+    windows = [None, None, 8, None]
+    bias = np.zeros((4, 2, 3))
+    bias[3, 0, 0], bias[3, 1, 1], bias[1, 1, 0] = -1.0, -4.0, -2.0
+    pod_map = [[0, 0], [1, 0], [2, 2], [1, 0]]
+    assert bias_per_head(pod_map, bias, windows) == [
+        [0.0, 0.0],
+        [0.0, -2.0],
+        [0.0, 0.0],
+        [-1.0, -4.0],
+    ]

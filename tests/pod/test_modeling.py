@@ -23,14 +23,16 @@ from tests.pod.reference import reference_logits
 SINK, RECENT = 2, 4
 
 
-def make_pod(src: Path, dst: Path, pod_map, sink: int = SINK, recent: int = RECENT) -> Path:
+def make_pod(
+    src: Path, dst: Path, pod_map, sink: int = SINK, recent: int = RECENT, distant_bias=None
+) -> Path:
     """A PoD checkpoint of ``src`` with ``pod_map`` (weights copied unchanged)."""
     cfg = json.loads((src / "config.json").read_text())
     names = set(safe_open(str(src / "model.safetensors"), "pt").keys())
     dst.mkdir(parents=True)
     shutil.copy(src / "model.safetensors", dst)
     adapter = get_adapter(cfg["model_type"])
-    conf = pod_config(cfg, src, adapter, names, pod_map, sink, recent)
+    conf = pod_config(cfg, src, adapter, names, pod_map, sink, recent, False, distant_bias)
     (dst / "config.json").write_text(json.dumps(conf))
     copy_modeling_files(dst)
     return dst
@@ -96,6 +98,65 @@ def test_shared_map_equals_dense_reference(tiny_models, tmp_path, family, impl):
     # decoding one token at a time from a prefill shorter than sink + recent, so tokens
     # leave the recent window while decoding
     assert (decode_logits(pod, ids, 3) - want).abs().max() < 1e-5
+
+
+def biased(pod_map: list[list[int]], value: float) -> list[list[float]]:
+    """``value`` on every borrowing head, a different one per head (0 where it owns its keys)."""
+    return [
+        [0.0 if b == layer else value * (1 + h) for h, b in enumerate(row)]
+        for layer, row in enumerate(pod_map)
+    ]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distant_bias_equals_dense_reference(tiny_models, tmp_path, family, impl):
+    src = tiny_models[family]
+    pod_map = shared_map(*dims(src))
+    bias = biased(pod_map, -1.5)
+    pod = load(
+        make_pod(src, tmp_path / "pod", pod_map, distant_bias=bias),
+        trust_remote_code=True,
+        attn_implementation=impl,
+    )
+    ids = token_ids(2, 24)
+    want = reference_logits(load(src), ids, pod_map, SINK, RECENT, bias)
+    unbiased = reference_logits(load(src), ids, pod_map, SINK, RECENT)
+    with torch.inference_mode():
+        got = pod(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-5
+    assert (unbiased - want).abs().max() > 1e-2  # the bias really changes the model
+    assert (decode_logits(pod, ids, 3) - want).abs().max() < 1e-5
+
+
+@torch.inference_mode()
+def test_zero_distant_bias_is_plain_pod_and_generates(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    pod_map = shared_map(*dims(src))
+    plain = load(make_pod(src, tmp_path / "plain", pod_map), trust_remote_code=True)
+    zero = load(
+        make_pod(src, tmp_path / "zero", pod_map, distant_bias=biased(pod_map, 0.0)),
+        trust_remote_code=True,
+    )
+    ids = token_ids(2, 20)
+    assert torch.equal(zero(input_ids=ids).logits, plain(input_ids=ids).logits)
+    pod = load(
+        make_pod(src, tmp_path / "bias", pod_map, distant_bias=biased(pod_map, -2.0)),
+        trust_remote_code=True,
+    )
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    cached = pod.generate(input_ids=ids, **kw)
+    assert torch.equal(pod.generate(input_ids=ids, use_cache=False, **kw), cached)
+    assert not torch.equal(plain.generate(input_ids=ids, **kw), cached)
+
+
+def test_distant_bias_refused_on_own_keys(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    pod_map = shared_map(*dims(src))
+    bias = biased(pod_map, -1.0)
+    bias[0][0] = -1.0  # layer 0 owns its keys
+    with pytest.raises(ValueError, match=r"pod_distant_bias\[0\]\[0\] = -1.0: layer 0 keeps"):
+        load(make_pod(src, tmp_path / "pod", pod_map, distant_bias=bias), trust_remote_code=True)
 
 
 def test_cache_bytes_match_formula(tiny_models, tmp_path):
