@@ -68,6 +68,40 @@ def check_real_map(src, out, pod_map, windows=None) -> None:
     assert predicted_saving(pod_map, SINK, RECENT, 40, windows) > 0
 
 
+def check_distant_bias(out, impls: list[str]) -> None:
+    """A bias written into a real map's config changes the logits, and the biased model
+    decodes as it prefills, with each attention implementation alike."""
+    config = json.loads((out / "config.json").read_text())
+    plain = load(out, trust_remote_code=True)
+    config["pod_distant_bias"] = [
+        [0.0 if b == layer else -1.5 - h for h, b in enumerate(row)]
+        for layer, row in enumerate(config["pod_map"])
+    ]
+    (out / "config.json").write_text(json.dumps(config))
+    ids = token_ids(2, 24)
+    logits = []
+    for impl in impls:
+        pod = load(out, trust_remote_code=True, attn_implementation=impl)
+        with torch.inference_mode():
+            logits.append(pod(input_ids=ids).logits)
+        assert (decode_logits(pod, ids, 3) - logits[-1]).abs().max() < 1e-5
+    with torch.inference_mode():
+        assert (plain(input_ids=ids).logits - logits[0]).abs().max() > 1e-3
+    assert all((x - logits[0]).abs().max() < 1e-5 for x in logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_distant_bias(arch_models, gemma2_4, tmp_path, arch):
+    """gemma2: layer 3 borrows layer 1's keys over the sliding layer 2 (soft-capped logits)."""
+    src = gemma2_4 if arch == "gemma2" else arch_models[arch]
+    mapfile = tmp_path / "map.json"
+    mapfile.write_text("[0, 1, 2, 1]" if arch == "gemma2" else "[0, 0]")
+    out = kvconvert.convert(
+        str(src), str(tmp_path / "o"), target="pod", pod_map=str(mapfile), **POD
+    )
+    check_distant_bias(out, impls(arch))
+
+
 @pytest.mark.parametrize("arch", ["phi3", "qwen3", "gemma"])
 def test_blocks_of_two_save_keys(arch_models, tmp_path, arch):
     src = arch_models[arch]

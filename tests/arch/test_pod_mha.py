@@ -13,7 +13,7 @@ import torch
 
 import kvconvert
 from kvconvert.errors import KVConvertError
-from tests.arch.test_pod import POD, check_identity, check_real_map
+from tests.arch.test_pod import POD, check_distant_bias, check_identity, check_real_map
 from tests.conftest import load, token_ids
 from tests.models import POD_MHA_ARCHS
 
@@ -39,6 +39,12 @@ def test_blocks_of_two_save_keys(remote_arch_models, tmp_path, arch):
     rep = json.loads((out / "kvconvert.json").read_text())
     assert rep["target"]["pod_map"] == [[0] * 4, [0] * 4]
     check_real_map(src, out, rep["target"]["pod_map"])
+
+
+@pytest.mark.parametrize("arch", POD_MHA_ARCHS)
+def test_distant_bias(remote_arch_models, tmp_path, arch):
+    out = convert_with_map(remote_arch_models[arch], tmp_path / "o", [0, 0], tmp_path)
+    check_distant_bias(out, ["eager", "sdpa"])
 
 
 @pytest.mark.parametrize("arch", POD_MHA_ARCHS)
