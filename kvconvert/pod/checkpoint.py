@@ -36,8 +36,11 @@ def pod_config(
 ) -> dict[str, Any]:
     """config.json of the PoD output: the source's, plus resolved RoPE/window facts and PoD
     (``pod_distant_bias`` only where a bias was chosen, so plain PoD configs stay as before)."""
-    pod = {"pod_sink": int(sink), "pod_recent": int(recent)}
-    pod["pod_map"] = [[int(b) for b in row] for row in pod_map]
+    pod: dict[str, Any] = {
+        "pod_sink": int(sink),
+        "pod_recent": int(recent),
+        "pod_map": [[int(b) for b in row] for row in pod_map],
+    }
     if distant_bias is not None:
         pod["pod_distant_bias"] = [[float(b) for b in row] for row in distant_bias]
     from transformers import AutoConfig

@@ -147,18 +147,18 @@ class PodTarget(Target):
         src, recipe = self.src, self.recipe
         self.context = recipe.context or int(tokens.shape[1])
         probe = (model, src.adapter, src.config, tokens, recipe.sink, recipe.recent)
+        grid = recipe.distant_biases()  # only with the cost map (Recipe.validate)
         if map_by(recipe) == "cost":  # measures the similarity too, in the same pass
             depth = DEPTH if recipe.max_block is None else min(DEPTH, recipe.max_block - 1)
-            grid = recipe.distant_biases() or (0.0,)
             self.cost, bias, self.similarity = borrow_cost(
-                *probe, recipe.batch_size, max(depth, 1), progress, self.windows, grid
+                *probe, recipe.batch_size, max(depth, 1), progress, self.windows, grid or (0.0,)
             )
         else:
             self.similarity = layer_similarity(*probe, recipe.batch_size, progress, self.windows)
         self.pod_map, self.how = choose_map(
             recipe, self.similarity, self.context, self.windows, self.cost
         )
-        if recipe.distant_biases():
+        if grid:
             self.distant_bias = bias_per_head(self.pod_map, bias, self.windows)
 
     def tensors(

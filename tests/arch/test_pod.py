@@ -15,7 +15,7 @@ from kvconvert.evaluate import kv_cache_bytes
 from kvconvert.pod.layermap import predicted_saving
 from tests.conftest import load, token_ids
 from tests.models import ARCHS, gemma2_4layer
-from tests.pod.test_modeling import decode_logits, make_pod
+from tests.pod.test_modeling import biased, decode_logits, make_pod
 
 SINK, RECENT = 2, 4
 POD = {"sink": SINK, "recent": RECENT, "seq_len": 32, "num_samples": 4, "progress": False}
@@ -73,10 +73,7 @@ def check_distant_bias(out, impls: list[str]) -> None:
     decodes as it prefills, with each attention implementation alike."""
     config = json.loads((out / "config.json").read_text())
     plain = load(out, trust_remote_code=True)
-    config["pod_distant_bias"] = [
-        [0.0 if b == layer else -1.5 - h for h, b in enumerate(row)]
-        for layer, row in enumerate(config["pod_map"])
-    ]
+    config["pod_distant_bias"] = biased(config["pod_map"], -1.5)
     (out / "config.json").write_text(json.dumps(config))
     ids = token_ids(2, 24)
     logits = []
