@@ -54,34 +54,40 @@ def stamp_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of every tensor held by a cache's layers (each distinct tensor counted once).
+    """Bytes of every tensor reachable from a cache object (each distinct tensor once).
 
-    Works for ``DynamicCache`` and for custom caches whose layers hold other or differently
-    sized tensors (e.g. PoD layers that keep values only), and for legacy tuple caches.
-    0-dim tensors (counters such as a sliding layer's window size) are not cache storage.
+    Not only its layers' keys and values: masks, copies, spare room or bookkeeping a cache
+    keeps between forwards are memory its user pays too, so they count (docs/check.md); views
+    into one buffer count as the largest of them. Walks the object's
+    attributes, its layers' and any nested list, tuple, dict or object; works for legacy tuple
+    caches. 0-dim tensors (counters such as a sliding layer's window size) are not storage.
     """
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    total = 0
+    largest: dict[int, int] = {}  # per storage: the largest tensor reachable in it
+    seen_objects: set[int] = set()
 
     def add(obj: Any, depth: int = 0) -> None:
-        nonlocal total
         if isinstance(obj, torch.Tensor):
-            key = (obj.data_ptr(), tuple(obj.shape))
-            if obj.dim() and obj.numel() and key not in seen:  # 0-dim: bookkeeping scalars
-                seen.add(key)
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, (list, tuple)) and depth < 3:
-            for x in obj:
-                add(x, depth + 1)
-        elif isinstance(obj, dict) and depth < 3:
-            for x in obj.values():
-                add(x, depth + 1)
+            if obj.dim() and obj.numel():
+                key = obj.untyped_storage().data_ptr()
+                largest[key] = max(largest.get(key, 0), obj.numel() * obj.element_size())
+            return
+        if depth > 6 or id(obj) in seen_objects or isinstance(obj, (str, bytes, int, float)):
+            return
+        seen_objects.add(id(obj))
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            children = list(obj)
+        elif isinstance(obj, dict):
+            children = list(obj.values())
+        elif (
+            isinstance(obj, (type, torch.nn.Module))
+            or callable(obj)
+            and not hasattr(obj, "__dict__")
+        ):
+            return
+        else:
+            children = list(getattr(obj, "__dict__", {}).values())
+        for child in children:
+            add(child, depth + 1)
 
-    layers = getattr(cache, "layers", None)
-    if layers is None:  # legacy: tuple of (keys, values) per layer
-        add(cache)
-        return total
-    for layer in layers:
-        for value in vars(layer).values():
-            add(value)
-    return total
+    add(cache)
+    return sum(largest.values())

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .compat import cache_bytes, cache_kwargs, output_cache
 from .errors import KVConvertError
+from .promise import BYTES_TOLERANCE, expected_bytes
 from .recipe import DEVICES, DTYPES, option
 from .report import record_fidelity
 from .source import check_derived
@@ -398,6 +399,23 @@ def _conversion_info(folder: Path) -> dict[str, Any] | None:
     }
 
 
+def promised_bytes(model: torch.nn.Module, folder: Path, tokens: int) -> int | None:
+    """The cache bytes the output's kvconvert.json promises at ``tokens`` (None: no report,
+    or it cannot say)."""
+    report = _read_report(folder)
+    if report is None:
+        return None
+    dtype = next(model.parameters()).dtype
+    return expected_bytes(report, model.config, tokens, dtype)[0]
+
+
+def _read_report(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "kvconvert.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _max_positions(model: torch.nn.Module) -> int | None:
     cfg = model.config
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
@@ -492,6 +510,7 @@ def evaluate(
                 times[j].append((tp, td))
                 kv_ctx[j] = nbytes
         entry["retrieval"] = run_retrieval(conv, tasks, tokenizer) if settings.trials else None
+        entry["kv_bytes_promised"] = promised_bytes(conv, conv_dir, context)
         results.append(entry)
         del conv
         if device.type == "cuda":
@@ -504,6 +523,10 @@ def evaluate(
         tp = statistics.median(t[0] for t in times[j])
         td = statistics.median(t[1] for t in times[j])
         entry["kv_bytes_at_context"] = kv_ctx[j]
+        promised = entry.get("kv_bytes_promised")
+        entry["kv_bytes_over_promise"] = promised is not None and kv_ctx[j] > promised * (
+            1 + BYTES_TOLERANCE
+        )
         entry["kv_ratio"] = entry["kv_bytes_per_token"] / ref_bytes if ref_bytes else None
         entry["ppl"] = math.exp(entry["nll"])
         entry["prefill_tok_s"] = context / tp
@@ -563,6 +586,7 @@ def _model_entry(
         "top1_agreement": 1.0 if role == "original" else None,
         "nll": None,
         "conversion": _conversion_info(folder),
+        "kv_bytes_promised": None,
     }
 
 
@@ -611,6 +635,15 @@ def format_table(doc: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(_cells(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for m in doc["models"]:
+        if m.get("kv_bytes_over_promise"):
+            over = m["kv_bytes_at_context"] / m["kv_bytes_promised"] - 1
+            lines.append(
+                f"FLAG: {short_name(m['name'])}: its cache holds "
+                f"{_bytes(m['kv_bytes_at_context'])} at {ctx} tokens, {over:.1%} more than the "
+                f"{_bytes(m['kv_bytes_promised'])} its kvconvert.json promises (every tensor "
+                "the cache object keeps counts)"
+            )
     if not retrieval and doc["models"][0].get("retrieval"):
         task = doc["models"][0]["retrieval"]["task"]
         lines.append(f"(retrieval left out: the original scores 0 on the {task} task here)")

@@ -160,7 +160,9 @@ class Recipe:
     )
     context: int | None = option(
         None,
-        "PoD: context length for --kv-saving and the reported saving (default: --seq-len).",
+        "PoD: the context length --kv-saving is the saving at, and the reported saving's "
+        "(default: the model's maximum context, at most 32768; --seq-len where it declares "
+        "none).",
         type=int,
     )
     max_block: int | None = option(

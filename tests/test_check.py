@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner
 
 import kvconvert
-from kvconvert.check import CheckResult, check, expected_bytes
+from kvconvert.check import CheckResult, check
 from kvconvert.cli import main
+from kvconvert.promise import expected_bytes
 from tests.conftest import FAST
 
 POD = {"sink": 2, "recent": 8, **FAST}

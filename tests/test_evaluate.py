@@ -40,6 +40,8 @@ MODEL_KEYS = {
     "dtype",
     "kv_bytes_per_token",
     "kv_bytes_at_context",
+    "kv_bytes_promised",
+    "kv_bytes_over_promise",
     "kv_ratio",
     "kl",
     "nll",

@@ -374,6 +374,9 @@ def test_pod_output_heals_the_borrowing_layers_only(tiny_models, tmp_path):
         KVConvertError, match=r"seq_len: .* 4 tokens have no distant token.*above 4"
     ):
         heal(replace(short, **{**SMALL, "seq_len": 4, "steps": 1}), progress=False)
+    with pytest.raises(KVConvertError, match="gradient_checkpointing: not supported for PoD"):
+        heal(replace(short, **{**SMALL, "gradient_checkpointing": True}), progress=False)
+    assert not (tmp_path / "x").exists()
     opts = HealOptions(
         original=str(src),
         converted=str(conv),

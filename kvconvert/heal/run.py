@@ -137,6 +137,13 @@ class HealRun:
         self.trainable = self._select_trainable()
         self.digest = self._initial_digest()
         self._share_frozen_with_teacher()
+        if opts.gradient_checkpointing and getattr(self.student.config, "pod_map", None):
+            # transformers' checkpointed layers run without the cache, and PoD attention
+            # reads the block bottoms' keys there
+            raise KVConvertError(
+                "gradient_checkpointing: not supported for PoD outputs (the recomputed layers "
+                "get no cache, and upper layers read the block bottom's keys from it)"
+            )
         if opts.gradient_checkpointing:
             try:
                 self.student.gradient_checkpointing_enable(

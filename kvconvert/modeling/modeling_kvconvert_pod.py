@@ -9,23 +9,30 @@ keeps keys only for the sink and a rolling recent window, every layer keeps all 
 The split is relative to each query's position, so prefill and cached decoding agree.
 
 Every model here is a stock transformers ``*ForCausalLM`` whose attention modules run the
-stock attention forward unchanged (fused qkv, q/k norms, partial rotary, soft-capping, GPT-NeoX's
-parallel residual, OPT's learned positions all stay the stock code's). Only two things differ,
-both in the ``PodCache`` below: ``cache.update`` hands an upper layer of a block its distant
-keys from the block bottom and its proximal keys from its own window, and ``cache.masks``
-gives the matching proximal/distant mask, which the attention passes on in place of the stock
-mask. A checkpoint may also carry ``pod_distant_bias``: per borrowing head, a number added to
-its distant tokens' logits (through that mask, which then becomes additive and per head).
-Public transformers API only; eager and SDPA attention. Reads top to bottom: cache,
-the two mixins, one small pair of classes per architecture.
+stock attention forward (fused qkv, q/k norms, partial rotary, soft-capping, GPT-NeoX's
+parallel residual, OPT's learned positions all stay the stock code's). Only the attention
+function differs: the stock forward stores its keys and values in the ``PodCache`` below and
+then calls ``pod_attention``, registered with transformers' public ``AttentionInterface``.
+That function reads every key where the cache stores it: an upper layer's distant part from
+the block bottom's keys (a view, no copy), its proximal part from its own window, each part
+returning its log-sum-exp, and the parts merged exactly as one softmax would weigh them. A
+prefill runs in query chunks, so no (queries x keys) tensor is built for a whole sequence and
+the cache holds no masks. A checkpoint may also carry ``pod_distant_bias``: per borrowing
+head, a number added to its distant tokens' logits (it shifts the distant part's
+log-sum-exp). Eager and SDPA attention, as the user picks them; reads top to bottom: one
+attention part, the cache, the attention function, the mixins, one pair of classes per
+architecture.
 """
 
+import copy
 import dataclasses
 import inspect
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.gemma.modeling_gemma import GemmaAttention, GemmaForCausalLM
@@ -61,6 +68,15 @@ CACHE_FIELD = (
     else "past_key_values"
 )
 
+#: queries per chunk of a prefill: the masks and scores of one chunk are (chunk x keys)
+CHUNK = 512
+#: queries per piece of a chunk's recent-window part (a band: each sees recent + 1 keys)
+NEAR = 64
+#: decoding: fewest keys per piece when a single head's distant keys are cut for threads
+PIECE = 2048
+#: at most this many attention scores in one chunk of the math path (64 MiB in float32)
+MATH_SCORES = 1 << 24
+
 
 def pick_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
     """The cache a caller passed, under either name (the new one is removed from kwargs)."""
@@ -68,28 +84,229 @@ def pick_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
     return cache if cache is not None else past_key_values
 
 
-# --- cache ------------------------------------------------------------------------------------
-def runs(places: list[tuple[object, int]]) -> list[tuple[object, int, int]]:
-    """Merge per-head (where, index) into contiguous (where, start, stop) slices."""
-    out: list[tuple[object, int, int]] = []
-    for where, i in places:
-        if out and out[-1][0] == where and out[-1][2] == i:
-            out[-1] = (where, out[-1][1], i + 1)
+# --- one attention part -------------------------------------------------------------------------
+def _cpu_flash_with_lse():
+    """torch's CPU flash-attention operator, which returns the log-sum-exp next to the output.
+
+    It is private (``torch.ops.aten``): where a torch build lacks it, or on other devices, the
+    math path below computes the same numbers with public operators.
+    """
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        return None
+
+
+CPU_FLASH = _cpu_flash_with_lse()
+_MAJOR_MINOR = tuple(int(p) for p in torch.__version__.split(".")[:2])
+SDPA_GQA = _MAJOR_MINOR >= (2, 5)  # ``enable_gqa`` of scaled_dot_product_attention
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    backend: str,
+    softcap: float | None = None,
+    dropout: float = 0.0,
+    lse: bool = True,
+    causal: bool = False,
+    fold: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``query`` (batch, kv * g, q, d) over ``key``/``value`` (batch, kv, k, d).
+
+    ``mask``: boolean (batch or 1, 1, q, k), True = may attend, or None (all keys);
+    ``causal``: query i sees keys 0..i (no mask). Returns the output (batch, kv * g, q, d) and,
+    with ``lse``, the log-sum-exp of the scaled (soft-capped) logits (batch, kv * g, q) in
+    float32, -inf where a row has no key. The g query heads of a KV head are folded into its
+    query rows, so the keys are not repeated per query head; a causal part, or a masked one
+    with ``fold=False`` (a few keys, where folding would repeat a long mask instead), repeats
+    them. ``backend`` "eager" is the stock eager arithmetic (soft-capping, float32 softmax);
+    "sdpa" uses torch's fused kernels where they give what is needed.
+    """
+    b, hq, q, _ = query.shape
+    kv = key.shape[1]
+    g = hq // kv
+    if softcap is not None:  # no fused kernel soft-caps: the math path, under sdpa too
+        backend = "eager"
+    if backend == "sdpa" and not lse:
+        extra = {}
+        if g > 1 and SDPA_GQA:
+            extra = {"enable_gqa": True}
+        elif g > 1:
+            key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=causal,
+            scale=scale,
+            **extra,
+        )
+        return out, None
+    empty = None if mask is None else ~mask.any(-1)  # rows without a key: (batch, 1, q)
+    if causal or (mask is not None and not fold):
+        if g > 1:
+            key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        rows = query
+    else:
+        rows = query.reshape(b, kv, g * q, query.shape[-1])
+        if mask is not None:
+            k = key.shape[2]
+            mask = mask.expand(mask.shape[0], g, q, k).reshape(mask.shape[0], 1, g * q, k)
+    fused = (
+        backend == "sdpa"
+        and CPU_FLASH is not None
+        and query.device.type == "cpu"
+        and not (torch.is_grad_enabled() and query.requires_grad)  # its lse has no gradient
+    )
+    if fused:
+        bias = None
+        if mask is not None:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            bias = torch.where(mask, zero, float("-inf"))
+        try:
+            out, row_lse = CPU_FLASH(rows, key, value, dropout, causal, attn_mask=bias, scale=scale)
+        except (RuntimeError, TypeError):  # a torch whose private operator differs: math
+            fused = False
+    if not fused:  # math: the stock eager arithmetic, with the log-sum-exp kept
+        if causal:
+            mask = torch.ones(q, key.shape[2], dtype=torch.bool, device=query.device).tril()
+        scores = torch.matmul(rows, key.transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.float()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)
+        finite = row_lse.masked_fill(row_lse == float("-inf"), 0.0)
+        probs = torch.exp(scores - finite[..., None]).to(value.dtype)
+        probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        out = torch.matmul(probs, value)
+    out, row_lse = out.reshape(b, hq, q, -1), row_lse.reshape(b, hq, q)
+    if fused and empty is not None:  # the operator reports 0 for a row without keys
+        row_lse = row_lse.masked_fill(empty, float("-inf"))
+    return out, row_lse
+
+
+def attend_pieces(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """``attend`` for one decoding query per row over one KV head's many keys, on the fused
+    CPU kernel: the keys are cut into as many pieces as torch has threads, each a head of its
+    own (a view, no copy), so that the kernel runs them in parallel. Returns one (output, lse)
+    part per piece, for ``merge``; None where that does not apply."""
+    b, g, q, d = query.shape
+    pieces = min(torch.get_num_threads(), key.shape[2] // PIECE)
+    if CPU_FLASH is None or q != 1 or key.shape[1] != 1 or pieces < 2:
+        return None
+    if query.device.type != "cpu" or (torch.is_grad_enabled() and query.requires_grad):
+        return None
+    size = key.shape[2] // pieces
+    end = size * pieces
+    keys = key[:, :, :end].reshape(b, pieces, size, d)
+    vals = value[:, :, :end].reshape(b, pieces, size, value.shape[-1])
+    rows = query.reshape(b, 1, g, d).expand(b, pieces, g, d).contiguous()
+    try:
+        out, lse = CPU_FLASH(rows, keys, vals, 0.0, False, scale=scale)  # (b, pieces, g, ...)
+    except (RuntimeError, TypeError):  # a torch whose private operator differs
+        return None
+    parts = [(out[:, i].reshape(b, g, 1, -1), lse[:, i].reshape(b, g, 1)) for i in range(pieces)]
+    if end < key.shape[2]:
+        parts.append(attend(query, key[:, :, end:], value[:, :, end:], None, scale, "sdpa"))
+    return parts
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One softmax over the union of the parts' keys, from each part's output and lse (a
+    part's weight is its share of the total exp-sum; a part without keys weighs 0)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse for _, lse in parts])
+    shares = torch.exp(lses - lses.amax(dim=0))
+    weights = (shares / shares.sum(dim=0))[..., None]
+    outs = torch.stack([o for o, _ in parts]).float()
+    return (outs * weights).sum(dim=0).to(parts[0][0].dtype)
+
+
+def spans_of(t: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Slots ``spans`` (ascending) of ``t`` along the token axis: a view where they are one
+    range, else a small copy."""
+    merged: list[list[int]] = []
+    for a, b in spans:
+        if b <= a:
+            continue
+        if merged and merged[-1][1] == a:
+            merged[-1][1] = b
         else:
-            out.append((where, i, i + 1))
-    return out
+            merged.append([a, b])
+    pieces = [t[:, :, a:b] for a, b in merged]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
-def cat_heads(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+# --- cache ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HeadRun:
+    """Consecutive KV heads [start, stop) of a layer whose keys live in the same places.
+
+    ``own``: where their own keys are, ("keys" | "window", first index): all tokens in the
+    layer's ``keys``, or only the window slots in its ``window_keys``. ``bottom``: None when
+    they keep their own keys; else (layer, first index) of their distant keys in that layer's
+    ``keys``.
+    """
+
+    start: int
+    stop: int
+    own: tuple[str, int]
+    bottom: tuple[int, int] | None
+
+
+def head_runs(pod_map: list[list[int]], layer_idx: int) -> list[HeadRun]:
+    sources = pod_map[layer_idx]
+    owned_by = {s: [h for h, b in enumerate(pod_map[s]) if b == s] for s in set(sources)}
+    borrowing = [h for h, b in enumerate(sources) if b != layer_idx]
+    runs: list[HeadRun] = []
+    for h, src in enumerate(sources):
+        mine = src == layer_idx
+        own = ("keys", owned_by[layer_idx].index(h)) if mine else ("window", borrowing.index(h))
+        bottom = None if mine else (src, owned_by[src].index(h))
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last.own[0] == own[0]
+            and last.own[1] + (last.stop - last.start) == own[1]
+            and (last.bottom is None) == (bottom is None)
+            and (
+                bottom is None
+                or (
+                    last.bottom[0] == bottom[0]
+                    and last.bottom[1] + (last.stop - last.start) == bottom[1]
+                )
+            )
+        ):
+            runs[-1] = dataclasses.replace(last, stop=h + 1)
+        else:
+            runs.append(HeadRun(h, h + 1, own, bottom))
+    return runs
+
+
+def owns_exactly(t: torch.Tensor) -> bool:
+    """Whether ``t`` is all of its memory (not a view into a larger buffer, such as a fused
+    projection's output, which it would keep alive): then the cache can hold it as it is."""
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 class PodCacheLayer(CacheLayerMixin):
     """One layer's cache: full keys of the heads it owns, windowed keys of the heads it borrows.
 
     ``keys``: (batch, owned heads, tokens, head_dim), every token. ``window_keys``: (batch,
-    borrowing heads, kept, head_dim), only the slots in ``PodCache.kept_slots`` (sink and recent
-    window). ``values``: (batch, all KV heads, tokens, head_dim), every token.
+    borrowing heads, kept, head_dim), only the slots in ``PodCache.window_slots`` (sink and
+    recent window; after the layer's attention, evicted down to ``PodCache.kept_slots``).
+    ``values``: (batch, all KV heads, tokens, head_dim), every token.
     """
 
     is_sliding = False
@@ -102,19 +319,9 @@ class PodCacheLayer(CacheLayerMixin):
         self.borrowing = [h for h, b in enumerate(sources) if b != layer_idx]
         self.shares = bool(self.borrowing)
         self.window_keys: torch.Tensor | None = None
-        # Per KV head, where its keys live, as contiguous slices: distant tokens in the full
-        # keys of its block bottom (layer, start, stop); proximal tokens in this layer's full
-        # keys ("own") or window keys ("window").
-        owned_by = {src: [g for g, b in enumerate(pod_map[src]) if b == src] for src in sources}
-        self.distant_runs = runs([(src, owned_by[src].index(h)) for h, src in enumerate(sources)])
-        self.proximal_runs = runs(
-            [
-                ("own", self.owned.index(h))
-                if b == layer_idx
-                else ("window", self.borrowing.index(h))
-                for h, b in enumerate(sources)
-            ]
-        )
+        self.runs = head_runs(pod_map, layer_idx)
+        #: per name ("keys", "values"): the buffer the tensor is a view of, with spare room
+        self.room: dict[str, torch.Tensor] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -129,15 +336,39 @@ class PodCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.owned:
-            self.keys = torch.cat([self.keys, key_states[:, self.owned]], dim=-2)
+            new = key_states if not self.borrowing else key_states[:, self.owned]
+            self.keys = self.grow("keys", new)
         if self.borrowing:
-            self.window_keys = torch.cat([self.window_keys, key_states[:, self.borrowing]], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+            new = key_states if not self.owned else key_states[:, self.borrowing]
+            held = self.window_keys
+            first = held.shape[2] == 0 and owns_exactly(new)
+            self.window_keys = new if first else torch.cat([held, new], dim=-2)
+        self.values = self.grow("values", value_states)
         return self.keys, self.values
+
+    def grow(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """``keys`` or ``values`` with ``new`` appended along the token axis.
+
+        A prefill into an empty cache is kept as it is (no copy). Decoding writes into spare
+        room at the end of a buffer (``room``), about 1% of the tokens held, so that a step
+        does not copy every earlier token, as ``torch.cat`` would; the cache then holds at
+        most that 1% more than its tokens."""
+        held, room = getattr(self, name), self.room.get(name)
+        t, q = held.shape[2], new.shape[2]
+        if t == 0:
+            self.room.pop(name, None)
+            return new if owns_exactly(new) else new.clone()
+        frozen = room is not None and room.is_inference() and not torch.is_inference_mode_enabled()
+        if room is None or frozen or t + q > room.shape[2]:
+            room = held.new_empty(*held.shape[:2], t + q + max(16, (t + q) // 128), held.shape[3])
+            room[:, :, :t] = held
+            self.room[name] = room
+        room[:, :, t : t + q] = new
+        return room[:, :, : t + q]
 
     def evict(self, keep: torch.Tensor | None) -> None:
         """Keep only the window slots that a later query can still see as proximal."""
-        if self.borrowing and keep is not None:
+        if self.borrowing and keep is not None and keep.numel() < self.window_keys.shape[2]:
             self.window_keys = self.window_keys.index_select(2, keep)
 
     def cached_tensors(self) -> tuple[torch.Tensor, ...]:
@@ -157,9 +388,11 @@ class PodCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.window_keys = None
+        self.room = {}
         self.is_initialized = False
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.room = {}
         if self.is_initialized:
             self.keys, self.window_keys, self.values = (
                 fn(self.keys),
@@ -182,7 +415,10 @@ class PodCache(Cache):
 
     ``positions`` and ``valid`` (batch, tokens) record each cached slot's position id and
     whether it is a real token (not padding); ``kept_slots`` are the slots whose keys upper
-    layers still hold. ``begin`` is called once per forward, before the layers run.
+    layers still hold. ``begin`` is called once per forward, before the layers run; each
+    layer's ``attend`` then reads the keys in place. ``aligned`` (every slot a real token at
+    position = slot, as without padding) lets ``attend`` cut the keys by slot arithmetic
+    instead of per-row masks.
     """
 
     def __init__(self, config, windows: list[int | None], stock_sliding: bool = True):
@@ -199,91 +435,324 @@ class PodCache(Cache):
         ]
         super().__init__(layers=layers)
         self.sink, self.recent = config.pod_sink, config.pod_recent
-        self._masks: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.backend = "sdpa"
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.kept_slots: torch.Tensor | None = None
         self.window_slots: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
+        self.aligned = True
+        self.past = self.length = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.positions is None else self.positions.shape[1]
+        return self.length
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def begin(self, position_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> None:
-        """Record the new tokens; set ``window_slots`` (slots whose own keys this forward sees)
-        and ``keep`` (which of them stay in the window after it)."""
+        """Record the new tokens. While ``aligned``, nothing but their count: slots, positions
+        and the window follow from it. Otherwise ``positions``/``valid`` grow, and
+        ``window_slots`` (slots whose own keys this forward sees) and ``keep`` (which of them
+        stay in the window after it) are set."""
         past = self.get_seq_length()
         batch, q = position_ids.shape
         device = position_ids.device
         total = past + q
-        if padding_mask is None:
-            valid = torch.ones(batch, q, dtype=torch.bool, device=device)
-        elif padding_mask.shape[1] in (total, q):
-            valid = padding_mask[:, -total:].to(device=device, dtype=torch.bool)
-        else:
+        if padding_mask is not None and padding_mask.shape[1] not in (total, q):
             raise ValueError(
                 f"attention_mask covers {padding_mask.shape[1]} tokens; expected {total} "
                 f"(cached + new) or {q} (new)"
             )
-        if self.positions is None:
-            self.positions, self.valid = position_ids, valid
-            self.kept_slots = torch.zeros(0, dtype=torch.long, device=device)
+        self.past, self.length = past, total
+        new = torch.arange(past, total, device=device)
+        if self.aligned:  # one host sync per forward
+            real = padding_mask is None or bool(padding_mask[:, -q:].all())
+            if real and bool((position_ids == new).all()):
+                return
+            self.aligned = False
+            # the bookkeeping the earlier, aligned tokens imply
+            self.positions = torch.arange(past, device=device).expand(batch, past)
+            self.valid = torch.ones(batch, past, dtype=torch.bool, device=device)
+            kept = self.kept_spans(past)
+            self.kept_slots = torch.cat([torch.arange(x, y, device=device) for x, y in kept])
+        if padding_mask is None:
+            valid = torch.ones(batch, q, dtype=torch.bool, device=device)
         else:
-            self.positions = torch.cat([self.positions, position_ids], dim=1)
-            if valid.shape[1] == q:  # the mask covers only the new tokens
-                valid = torch.cat([self.valid, valid], dim=1)
-            self.valid = valid
-        new = torch.arange(past, past + q, device=device)
+            valid = padding_mask[:, -total:].to(device=device, dtype=torch.bool)
+        self.positions = torch.cat([self.positions, position_ids], dim=1)
+        if valid.shape[1] == q:  # the mask covers only the new tokens
+            valid = torch.cat([self.valid, valid], dim=1)
+        self.valid = valid
         self.window_slots = torch.cat([self.kept_slots, new])
         pos, ok = self.positions[:, self.window_slots], self.valid[:, self.window_slots]
         is_sink = (ok & (pos < self.sink)).any(dim=0)
         is_recent = self.window_slots >= total - self.recent
         self.keep = torch.nonzero(is_sink | is_recent).flatten()
         self.kept_slots = self.window_slots[self.keep]
-        self._masks = {}
+
+    def end(self) -> None:
+        """After a forward: drop what only its layers needed."""
+        self.window_slots = self.keep = None
+
+    def kept_spans(self, total: int) -> list[tuple[int, int]]:
+        """Aligned: the slots an upper layer's window keeps after ``total`` tokens (sink and
+        recent window), as slot ranges."""
+        recent_from = max(0, total - self.recent)
+        return [(0, min(self.sink, recent_from)), (recent_from, total)]
+
+    def window_index(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Aligned: where the slots [0, min(sink, lo)) and [lo, hi) are in this forward's
+        window, which holds the slots kept after ``past`` tokens and then the new ones."""
+        (_, head), (start, _) = self.kept_spans(self.past)
+        return [(0, min(self.sink, lo)), (head + lo - start, head + hi - start)]
+
+    def evict(self, layer: "PodCacheLayer") -> None:
+        """After a layer's attention: keep only the window slots a later query can still see
+        as proximal (a copy, so that the dropped keys' memory is freed)."""
+        if not layer.borrowing:
+            return
+        if not self.aligned:
+            layer.evict(self.keep)
+            return
+        old = layer.window_keys
+        kept = spans_of(old, self.window_index(max(0, self.length - self.recent), self.length))
+        if kept.shape[2] < old.shape[2]:
+            same = kept.untyped_storage().data_ptr() == old.untyped_storage().data_ptr()
+            layer.window_keys = kept.clone() if same else kept
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """Store a layer's new tokens; return the keys and values its attention reads.
+        """Store a layer's new tokens; return what the layer holds (``attend`` reads it)."""
+        return self.layers[layer_idx].update(key_states, value_states)
 
-        A layer that borrows gets its heads' distant keys (all slots, from the block bottoms)
-        followed by its proximal keys (``window_slots``), and values to match; see ``masks``.
-        """
+    # -- attention --------------------------------------------------------------------------
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        softcap: float | None = None,
+        dropout: float = 0.0,
+        bias: tuple[float, ...] | None = None,
+    ) -> torch.Tensor:
+        """The layer's attention output (batch, queries, heads, head_dim), from the keys where
+        the cache holds them; ``key``/``value`` are what ``update`` returned (used as they are
+        by a stock sliding layer). Each run of heads writes its rows into the one output
+        tensor. Evicts the layer's window afterwards."""
         layer = self.layers[layer_idx]
-        if not isinstance(layer, PodCacheLayer):  # a stock sliding-window layer
-            return layer.update(key_states, value_states)
-        layer.update(key_states, value_states)
-        if not layer.shares:
-            return layer.keys, layer.values
-        slots = self.window_slots
-        distant = cat_heads([self.layers[src].keys[:, a:b] for src, a, b in layer.distant_runs])
-        proximal = cat_heads(
-            [
-                layer.keys[:, a:b].index_select(2, slots)
-                if where == "own"
-                else layer.window_keys[:, a:b]
-                for where, a, b in layer.proximal_runs
-            ]
-        )
-        keys = torch.cat([distant, proximal], dim=2)
-        values = torch.cat([layer.values, layer.values.index_select(2, slots)], dim=2)
-        layer.evict(self.keep)  # the tensors above are copies: the window can shrink now
-        return keys, values
-
-    def masks(self, layer_idx: int, query_length: int) -> torch.Tensor:
-        """Boolean mask (batch, 1, queries, keys) matching what ``update`` returns for the
-        layer; ask before its ``update`` (a sliding layer's held tokens count then)."""
         window = self.windows[layer_idx]
-        if window not in self._masks:
-            self._masks[window] = pod_masks(self, query_length, window)
-        full, split = self._masks[window]
-        layer = self.layers[layer_idx]
-        if isinstance(layer, PodCacheLayer):
-            return split if layer.shares else full
-        held = layer.keys.shape[-2] if layer.is_initialized else 0
-        return full[..., full.shape[-1] - query_length - held :]
+        b, heads, q, _ = query.shape
+        total = self.get_seq_length()
+        if window is not None and window >= total and isinstance(layer, PodCacheLayer):
+            window = None  # every key is inside the window: no mask needed
+        result = query.new_empty(b, q, heads, value.shape[-1])
+        if not isinstance(layer, PodCacheLayer):  # stock sliding: the last few tokens only
+            first = total - key.shape[2]
+            self._plain(result, query, key, value, first, window, scale, softcap, dropout)
+            return result
+        g = heads // (len(layer.owned) + len(layer.borrowing))
+        for run in layer.runs:
+            rows = query[:, run.start * g : run.stop * g]
+            dest = result[:, :, run.start * g : run.stop * g]
+            values = layer.values[:, run.start : run.stop]
+            n = run.stop - run.start
+            where, i = run.own
+            own = (layer.keys if where == "keys" else layer.window_keys)[:, i : i + n]
+            if run.bottom is None:
+                self._plain(dest, rows, own, values, 0, window, scale, softcap, dropout)
+            else:
+                src, j = run.bottom
+                far = self.layers[src].keys[:, j : j + n]
+                shift = None if bias is None else bias[run.start : run.stop]
+                args = (window, scale, softcap, dropout, shift)
+                self._split(dest, rows, own, far, values, *args)
+        self.evict(layer)
+        return result
+
+    def _chunks(self, query: torch.Tensor, math: bool) -> list[tuple[int, int]]:
+        """Slot ranges [s0, s1) of the new tokens, a chunk of queries each."""
+        b, heads, q, _ = query.shape
+        total = self.get_seq_length()
+        size = CHUNK if not math else max(1, min(CHUNK, MATH_SCORES // (b * heads * total)))
+        past = total - q
+        return [(past + i, past + min(q, i + size)) for i in range(0, q, size)]
+
+    def _uses_math(self, query: torch.Tensor, softcap: float | None) -> bool:
+        """Whether parts that need their log-sum-exp run on the math path (see ``attend``)."""
+        fused = (
+            self.backend == "sdpa"
+            and softcap is None
+            and CPU_FLASH is not None
+            and query.device.type == "cpu"
+            and not (torch.is_grad_enabled() and query.requires_grad)
+        )
+        return not fused
+
+    def _masks(
+        self, s0: int, s1: int, kslots: torch.Tensor, window: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For queries at slots [s0, s1) and keys at ``kslots``, (batch, 1, queries, keys):
+        ``allowed`` (earlier or itself, a real token, inside a sliding window; a query always
+        sees itself, so no row is empty) and ``proximal`` (sink or recent, by position)."""
+        qslots = torch.arange(s0, s1, device=kslots.device)[:, None]
+        allowed = (kslots[None, :] <= qslots)[None]
+        if not self.aligned:  # else every slot is a real token at position = slot
+            allowed = allowed & self.valid[:, None, kslots]
+        if window is not None:
+            allowed &= (qslots - kslots[None, :] < window)[None]
+        allowed |= (kslots[None, :] == qslots)[None]
+        if self.aligned:
+            q_pos, k_pos = qslots[None], kslots[None, None, :]
+        else:
+            q_pos, k_pos = self.positions[:, s0:s1, None], self.positions[:, None, kslots]
+        proximal = (k_pos < self.sink) | (q_pos - k_pos <= self.recent)
+        return allowed[:, None], proximal[:, None]
+
+    def _plain(
+        self,
+        dest: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        first_slot: int,
+        window: int | None,
+        scale: float,
+        softcap: float | None,
+        dropout: float,
+    ) -> None:
+        """Ordinary causal attention over a layer's own keys, which hold slots
+        [``first_slot``, total), written into ``dest`` (batch, queries, heads, head_dim)."""
+        q = query.shape[2]
+        total = self.get_seq_length()
+        past = total - q
+        backend = self.backend
+        if self.aligned and window is None and first_slot == 0:
+            whole = None
+            if q == 1:  # decoding: every key
+                whole = attend(query, key, value, None, scale, backend, softcap, dropout, False)
+            elif past == 0 and backend == "sdpa" and softcap is None:  # the fused causal kernel
+                whole = attend(query, key, value, None, scale, backend, None, dropout, False, True)
+            if whole is not None:
+                dest.copy_(whole[0].transpose(1, 2))
+                return
+        for s0, s1 in self._chunks(query, backend == "eager" or softcap is not None):
+            k0 = max(first_slot, 0 if window is None else s0 - window + 1)
+            kslots = torch.arange(k0, s1, device=query.device)
+            allowed, _ = self._masks(s0, s1, kslots, window)
+            rows = query[:, :, s0 - past : s1 - past]
+            keys, vals = (
+                key[:, :, k0 - first_slot : s1 - first_slot],
+                value[:, :, k0 - first_slot : s1 - first_slot],
+            )
+            out = attend(rows, keys, vals, allowed, scale, backend, softcap, dropout, False)[0]
+            dest[:, s0 - past : s1 - past] = out.transpose(1, 2)
+
+    def _split(
+        self,
+        dest: torch.Tensor,
+        query: torch.Tensor,
+        window_keys: torch.Tensor,
+        far: torch.Tensor,
+        values: torch.Tensor,
+        window: int | None,
+        scale: float,
+        softcap: float | None,
+        dropout: float,
+        shift: tuple[float, ...] | None,
+    ) -> None:
+        """Attention of heads that borrow, written into ``dest`` (batch, queries, heads,
+        head_dim): distant keys from ``far`` (the block bottom's keys,
+        every slot), proximal keys from ``window_keys`` (the slots in ``window_slots``), their
+        own ``values`` for both; one log-sum-exp merge, ``shift`` added to the distant parts."""
+        q = query.shape[2]
+        total = self.get_seq_length()
+        past = total - q
+        backend, sink, recent = self.backend, self.sink, self.recent
+        device = query.device
+        math = self._uses_math(query, softcap)
+        g = query.shape[1] // far.shape[1]
+        bias = None
+        if shift is not None and any(shift):
+            bias = torch.tensor(shift, dtype=torch.float32, device=device).repeat_interleave(g)
+            bias = bias[None, :, None]
+
+        def add(rows, keys, vals, mask, distant, causal=False, fold=True, into=None):
+            """Append the part(s) of these keys to ``into`` (default: ``parts``)."""
+            into = parts if into is None else into
+            done = None
+            if distant and mask is None and not causal and backend == "sdpa" and not math:
+                done = attend_pieces(rows, keys, vals, scale)  # decoding over many keys
+            for out, lse in done or [
+                attend(rows, keys, vals, mask, scale, backend, softcap, dropout, True, causal, fold)
+            ]:
+                into.append((out, lse + bias) if distant and bias is not None else (out, lse))
+
+        for s0, s1 in self._chunks(query, math):
+            rows = query[:, :, s0 - past : s1 - past]
+            qslots = torch.arange(s0, s1, device=device)[:, None] if s1 - s0 > 1 else None
+            parts = []
+            if self.aligned and window is None:
+                # distant: sink <= j <= s - recent - 1 for the query at slot s. Every query of
+                # the chunk sees [sink, b0); the band [b0, e) after it is causal when square
+                b0, e = max(sink, s0 - recent - 1), s1 - recent - 1
+                if b0 > sink:
+                    add(rows, far[:, :, sink:b0], values[:, :, sink:b0], None, True)
+                if e > b0 and b0 == s0 - recent - 1:  # key b0 + j for query s0 + i: j <= i
+                    band = far[:, :, b0:e], values[:, :, b0:e]
+                    add(rows, *band, None, True, causal=True)
+                elif e > b0:  # next to the sink: a mask
+                    band = qslots - torch.arange(b0, e, device=device)[None, :] > recent
+                    add(rows, far[:, :, b0:e], values[:, :, b0:e], band[None, None], True)
+                # proximal: the sink before lo (every query), then [lo, s1) (a band mask); in
+                # the window the kept slots come first, then the new ones
+                lo = max(0, s0 - recent)
+                (_, head), (w0, w1) = self.window_index(lo, s1)
+                if s1 - s0 == 1:  # one query (decoding): every key of its window is proximal
+                    keys = spans_of(window_keys, [(0, head), (w0, w1)])
+                    vals = spans_of(values, [(0, head), (lo, s1)])
+                    add(rows, keys, vals, None, False)
+                    dest[:, s0 - past : s1 - past] = merge(parts).transpose(1, 2)
+                    continue
+                if head:
+                    sink_part = window_keys[:, :, :head], values[:, :, :head]
+                    add(rows, *sink_part, None, False)
+                # [lo, s1) in pieces of NEAR queries: each sees at most recent + NEAR of them
+                pieces = []
+                for t0 in range(s0, s1, NEAR):
+                    t1 = min(s1, t0 + NEAR)
+                    a = max(lo, t0 - recent)
+                    keys = window_keys[:, :, w0 + a - lo : w0 + t1 - lo], values[:, :, a:t1]
+                    mask = None
+                    if t1 - t0 > 1:
+                        k = torch.arange(a, t1, device=device)[None, :]
+                        at = qslots[t0 - s0 : t1 - s0]
+                        mask = ((k <= at) & ((k < sink) | (at - k <= recent)))[None, None]
+                    sub = rows[:, :, t0 - s0 : t1 - s0]
+                    add(sub, *keys, mask, False, fold=False, into=pieces)
+                if len(pieces) == 1:
+                    parts.append(pieces[0])
+                else:
+                    parts.append(tuple(torch.cat(x, dim=2) for x in zip(*pieces, strict=True)))
+            else:
+                kslots = torch.arange(0, s1, device=device)
+                allowed, proximal = self._masks(s0, s1, kslots, window)
+                add(rows, far[:, :, :s1], values[:, :, :s1], allowed & ~proximal, True)
+                slots = self.window_slots
+                if self.aligned:  # the kept slots, then the new ones
+                    spans = [*self.kept_spans(past), (past, total)]
+                    slots = torch.cat([torch.arange(x, y, device=device) for x, y in spans])
+                allowed, proximal = self._masks(s0, s1, slots, window)
+                itself = slots[None, :] == torch.arange(s0, s1, device=device)[:, None]
+                near = allowed & (proximal | itself[None, None])
+                cols = torch.arange(slots.numel(), device=device)
+                if slots.numel() > s1 - s0 + sink + recent:  # a prefill: only the columns used
+                    cols = torch.nonzero(near.any(dim=2).any(dim=0).flatten()).flatten()
+                keys = window_keys.index_select(2, cols)
+                vals = values.index_select(2, slots[cols])
+                add(rows, keys, vals, near.index_select(3, cols), False)
+            dest[:, s0 - past : s1 - past] = merge(parts).transpose(1, 2)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -315,79 +784,66 @@ def pod_cache(
     return PodCache(config, windows, stock_sliding)
 
 
-def pod_masks(
-    cache: PodCache, query_length: int, window: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean masks (batch, 1, queries, keys) for one forward, True = may attend.
+# --- the attention function ---------------------------------------------------------------------
+POD_ATTENTION = "kvconvert_pod"
 
-    Returns ``full`` over all cached slots (ordinary causal + padding [+ sliding window]) and
-    ``split``: the distant part over all slots followed by the proximal part over
-    ``cache.window_slots``; a query's proximal keys are the first ``sink`` positions and the
-    ``recent`` positions right before it (and itself).
-    """
-    total = cache.get_seq_length()
-    past = total - query_length
-    device = cache.positions.device
-    k_slot = torch.arange(total, device=device)
-    q_slot = k_slot[past:]
-    full = (k_slot[None, :] <= q_slot[:, None])[None] & cache.valid[:, None, :]
-    if window is not None:
-        full &= (q_slot[:, None] - k_slot[None, :] < window)[None]
-    full |= (k_slot[None, :] == q_slot[:, None])[None]  # never an empty row (padding queries)
-    q_pos = cache.positions[:, past:, None]
-    k_pos = cache.positions[:, None, :]
-    proximal = (k_pos < cache.sink) | (q_pos - k_pos <= cache.recent)
-    slots = cache.window_slots
-    split = torch.cat([full & ~proximal, (full & proximal)[:, :, slots]], dim=-1)
-    return full[:, None], split[:, None]
+
+def pod_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """What the stock attention forward of a PoD layer calls in place of eager or SDPA
+    attention (registered as ``"kvconvert_pod"``). ``attention_mask`` is the model's
+    placeholder: every mask comes from the module's ``PodCache``. Returns (batch, queries,
+    heads, head_dim) and no attention weights."""
+    cache = module.pod_cache
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = cache.attend(
+        module.layer_idx, query, key, value, scale, softcap, dropout, module.pod_bias
+    )
+    return out, None
+
+
+AttentionInterface.register(POD_ATTENTION, pod_attention)
 
 
 # --- attention and model mixins -------------------------------------------------------------
 class PodAttentionMixin:
-    """The stock attention, reading its keys and mask from a ``PodCache``.
+    """The stock attention, reading its keys from a ``PodCache`` through ``pod_attention``.
 
-    The stock forward calls ``past_key_values.update`` (which returns the PoD keys and values)
-    and passes ``attention_mask`` to the attention function: that mask is replaced here by the
-    layer's PoD mask (additive for eager attention, boolean for SDPA). ``pod_cache_kwarg`` is
-    the keyword the stock decoder layer passes the cache under where it is neither ``cache``
-    (transformers >= 5.24) nor ``past_key_values`` (before).
-
-    ``pod_bias``: this layer's row of ``config.pod_distant_bias`` (per KV head) when any entry
-    is non-zero, else None. Then the mask is additive with a head dimension, (batch, heads,
-    queries, keys), holding each head's bias on the distant keys ``PodCache.update`` put first.
+    The stock forward calls ``cache.update`` and then the attention function its config
+    names; a PoD module's ``config`` is a copy of the model's whose attention implementation is
+    ``pod_attention`` (the model's own config keeps the user's eager or sdpa, which the cache
+    carries as ``backend``). ``pod_cache_kwarg`` is the keyword the stock decoder layer passes
+    the cache under where it is neither ``cache`` (transformers >= 5.24) nor
+    ``past_key_values`` (before). ``pod_bias``: this layer's row of ``config.pod_distant_bias``
+    (per KV head) when any entry is non-zero, else None.
     """
 
     pod_cache_kwarg = "past_key_values"
     pod_bias: tuple[float, ...] | None = None
+    pod_cache: "PodCache | None" = None
 
     def forward(self, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get(self.pod_cache_kwarg))
-        if isinstance(cache, PodCache):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            mask = cache.masks(self.layer_idx, hidden.shape[1])
-            low = torch.finfo(hidden.dtype).min
-            if self.pod_bias is not None and cache.layers[self.layer_idx].shares:
-                bias = self.pod_bias_row(cache.get_seq_length(), mask.shape[-1], hidden)
-                mask = torch.where(mask, bias, low)
-            elif self.config._attn_implementation == "eager":
-                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
-                    ~mask, low
-                )
-            kwargs["attention_mask"] = mask
-        return super().forward(*args, **kwargs)
-
-    def pod_bias_row(self, distant: int, keys: int, hidden: torch.Tensor) -> torch.Tensor:
-        """(1, heads, 1, keys): each query head's bias on the first ``distant`` keys, 0 after."""
-        heads = self.config.num_attention_heads
-        made = self.__dict__.setdefault("_pod_bias_on", {})  # one host-to-device copy per device
-        key = (hidden.device, hidden.dtype)
-        if key not in made:
-            per_kv = torch.tensor(self.pod_bias, dtype=hidden.dtype, device=hidden.device)
-            made[key] = per_kv.repeat_interleave(heads // len(self.pod_bias))
-        per_head = made[key]
-        row = hidden.new_zeros(1, heads, 1, keys)
-        row[..., :distant] = per_head[None, :, None, None]
-        return row
+        if not isinstance(cache, PodCache):
+            raise ValueError(
+                "a PoD attention layer needs the PodCache its model's forward makes (its upper "
+                "layers read the block bottom's keys there); gradient checkpointing drops the "
+                "cache, so PoD models do not train with it"
+            )
+        self.pod_cache = cache
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.pod_cache = None
 
 
 class PodCausalLMMixin:
@@ -411,9 +867,12 @@ class PodCausalLMMixin:
         super().__init__(config)
         stock, pod = self.pod_attention
         biases = getattr(config, "pod_distant_bias", None)
+        dispatch = copy.copy(config)
+        dispatch._attn_implementation = POD_ATTENTION
         for module in self.modules():
             if type(module) is stock:
                 module.__class__ = pod
+                module.config = dispatch
                 row = biases[module.layer_idx] if biases else None
                 module.pod_bias = tuple(float(b) for b in row) if row and any(row) else None
         self.pod_windows = sliding_windows(config)
@@ -428,12 +887,14 @@ class PodCausalLMMixin:
         use_cache: bool | None = None,
         **kwargs,
     ):
-        if self.config._attn_implementation not in ("eager", "sdpa"):
+        backend = self.config._attn_implementation
+        if backend not in ("eager", "sdpa"):
             raise ValueError("PoD models support eager and sdpa attention only")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("PoD models take a 2D padding attention_mask (batch, tokens)")
         past_key_values = pick_cache(past_key_values, kwargs)
         cache = pod_cache(past_key_values, self.config, self.pod_windows, self.pod_stock_sliding)
+        cache.backend = backend
         ref = input_ids if input_ids is not None else inputs_embeds
         batch, length = ref.shape[:2]
         past = cache.get_seq_length()
@@ -441,18 +902,19 @@ class PodCausalLMMixin:
             position_ids = self.pod_position_ids(attention_mask, past, length, ref.device)
         position_ids = position_ids.expand(batch, -1)
         cache.begin(position_ids, attention_mask)
-        # A prepared 4D mask makes the stock model skip building its own; every PoD attention
-        # replaces it by its layer's mask from the cache.
-        placeholder = cache.masks(self.pod_first_full_layer(), length)
+        # A prepared 4D mask makes the stock model skip building its own; the PoD attention
+        # ignores it. An expanded single element: no memory.
+        placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ref.device)
         out = super().forward(
             input_ids=input_ids,
-            attention_mask=placeholder,
+            attention_mask=placeholder.expand(batch, 1, length, past + length),
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **{CACHE_ARG: cache},
             **kwargs,
         )
+        cache.end()
         if use_cache is False or (use_cache is None and not self.config.use_cache):
             out[CACHE_FIELD] = None
         return out
@@ -463,9 +925,6 @@ class PodCausalLMMixin:
         """Position ids of new tokens when the caller gives none: the stock model's rule (the
         cache records them; sink and recent window are counted in positions)."""
         return torch.arange(past, past + length, device=device)[None]
-
-    def pod_first_full_layer(self) -> int:
-        return next((i for i, w in enumerate(self.pod_windows) if w is None), 0)
 
 
 class PodLlamaAttention(PodAttentionMixin, LlamaAttention):

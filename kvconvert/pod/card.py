@@ -50,7 +50,8 @@ def pod_model_card(
             else []
         ),
         f"- Layer map ({tgt['map_from']}), blocks per KV head: {tgt['blocks']}",
-        f"- Predicted KV cache saving at {tgt['context']} tokens: {tgt['predicted_kv_saving']:.1%}",
+        f"- Predicted KV cache saving at {tgt['context']} tokens: {tgt['predicted_kv_saving']:.1%}"
+        + saving_at_line(tgt),
         *bias_lines(tgt),
         "",
         "## Fidelity",
@@ -104,3 +105,13 @@ def bias_lines(target: dict[str, Any]) -> list[str]:
         f"- Bias on borrowed distant logits, chosen per borrowing head from {grid} "
         f"(`config.pod_distant_bias`); heads per bias: {counts}"
     ]
+
+
+def saving_at_line(tgt: dict[str, Any]) -> str:
+    """The saving at other context lengths (none below sink + recent tokens)."""
+    others = [
+        f"{float(v):.1%} at {k}"
+        for k, v in (tgt.get("saving_at") or {}).items()
+        if int(k) != tgt["context"]
+    ]
+    return f" ({', '.join(others)})" if others else ""

@@ -91,6 +91,44 @@ def choose_map(
     return pod_map, f"threshold {recipe.threshold}"
 
 
+#: ``--context`` by default: the model's maximum context, at most this many tokens
+CONTEXT_CAP = 32768
+#: context lengths the report and the card give the saving at (those within the model's)
+SAVING_AT = (2048, 4096, 8192, 16384, 32768)
+
+
+def model_context(config: dict[str, Any]) -> int | None:
+    """The longest context the source model declares, if any."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return None
+
+
+def default_context(config: dict[str, Any], seq_len: int) -> int:
+    """What ``--kv-saving`` means when ``--context`` is not given: the saving at the model's
+    maximum context (at most ``CONTEXT_CAP``), where a user serves long prompts; the
+    calibration length where the model declares none."""
+    declared = model_context(config)
+    return seq_len if declared is None else min(declared, CONTEXT_CAP)
+
+
+def savings_at(
+    pod_map: list[list[int]],
+    sink: int,
+    recent: int,
+    context: int,
+    declared: int | None,
+    windows: list[int | None] | None = None,
+) -> dict[str, float]:
+    """The predicted saving at a few context lengths up to the model's, and at ``context``."""
+    lengths = {t for t in SAVING_AT if declared is None or t <= declared} | {context}
+    return {
+        str(t): round(predicted_saving(pod_map, sink, recent, t, windows), 6)
+        for t in sorted(lengths)
+    }
+
+
 def auto_recent(config: dict[str, Any], seq_len: int, sink: int) -> tuple[int, str]:
     """The default ``--recent``: the model's context / 8 - sink (the PoD paper's 4080 of 32K),
     capped at seq_len / 2 - sink so that half of each calibration sequence is distant; and
@@ -135,7 +173,7 @@ class PodTarget(Target):
         self.distant_bias: list[list[float]] | None = None
         if recipe.pod_map:
             self.pod_map = load_map(recipe.pod_map, src.num_layers, src.num_kv_heads, self.windows)
-            self.context = recipe.context or recipe.seq_len
+            self.context = recipe.context or default_context(src.config, recipe.seq_len)
             self.how = f"file {recipe.pod_map}"
 
     def needs_data(self) -> bool:
@@ -145,7 +183,7 @@ class PodTarget(Target):
         self, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, progress: bool
     ) -> None:
         src, recipe = self.src, self.recipe
-        self.context = recipe.context or int(tokens.shape[1])
+        self.context = recipe.context or default_context(src.config, int(tokens.shape[1]))
         probe = (model, src.adapter, src.config, tokens, recipe.sink, recipe.recent)
         grid = recipe.distant_biases()  # only with the cost map (Recipe.validate)
         if map_by(recipe) == "cost":  # measures the similarity too, in the same pass
@@ -224,6 +262,14 @@ class PodTarget(Target):
                 "map_by": None if recipe.pod_map else map_by(recipe),
                 "context": context,
                 "predicted_kv_saving": saving,
+                "saving_at": savings_at(
+                    self.pod_map,
+                    recipe.sink,
+                    recipe.recent,
+                    context,
+                    model_context(src.config),
+                    windows,
+                ),
                 "distant_bias": self.distant_bias,
                 "distant_bias_grid": list(recipe.distant_biases()) or None,
             },

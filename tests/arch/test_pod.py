@@ -16,6 +16,7 @@ from kvconvert.pod.layermap import predicted_saving
 from tests.conftest import load, token_ids
 from tests.models import ARCHS, gemma2_4layer
 from tests.pod.test_modeling import biased, decode_logits, make_pod
+from tests.pod.test_split_attention import SMALL, patched
 
 SINK, RECENT = 2, 4
 POD = {"sink": SINK, "recent": RECENT, "seq_len": 32, "num_samples": 4, "progress": False}
@@ -49,6 +50,8 @@ def check_identity(src, out, impls: list[str]) -> None:
         with torch.inference_mode():
             want = load(src, attn_implementation=impl)(input_ids=ids).logits
             assert (pod(input_ids=ids).logits - want).abs().max() < 1e-5
+            with patched(pod, **SMALL):  # a prefill in chunks of 5 queries
+                assert (pod(input_ids=ids).logits - want).abs().max() < 1e-5
         assert (decode_logits(pod, ids, 5) - want).abs().max() < 1e-5
 
 
@@ -81,6 +84,8 @@ def check_distant_bias(out, impls: list[str]) -> None:
         pod = load(out, trust_remote_code=True, attn_implementation=impl)
         with torch.inference_mode():
             logits.append(pod(input_ids=ids).logits)
+            with patched(pod, **SMALL):  # a prefill in chunks of 5 queries
+                assert (pod(input_ids=ids).logits - logits[-1]).abs().max() < 1e-5
         assert (decode_logits(pod, ids, 3) - logits[-1]).abs().max() < 1e-5
     with torch.inference_mode():
         assert (plain(input_ids=ids).logits - logits[0]).abs().max() > 1e-3
@@ -124,8 +129,9 @@ def test_gemma2_block_skips_sliding_layer(gemma2_4, tmp_path):
     assert [row for i, row in enumerate(pod_map) if i != 3] == [[0, 0], [1, 1], [2, 2]]
     assert 1 in pod_map[3]
     windows = [8, None, 8, None]
+    assert rep["target"]["context"] == 256  # the model's maximum context
     assert rep["target"]["predicted_kv_saving"] == pytest.approx(
-        predicted_saving(pod_map, SINK, RECENT, 32, windows)
+        predicted_saving(pod_map, SINK, RECENT, 256, windows)
     )
     check_real_map(gemma2_4, out, pod_map, windows)
     bad = tmp_path / "bad.json"

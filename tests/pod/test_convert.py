@@ -21,16 +21,19 @@ def test_convert_with_saving_target(tiny_models, tmp_path):
     out = kvconvert.convert(str(src), str(tmp_path / "out"), target="pod", kv_saving=0.1, **POD)
     rep = json.loads((out / "kvconvert.json").read_text())
     tgt = rep["target"]
-    assert tgt["kind"] == "pod" and tgt["context"] == 32
+    # the saving is meant at the model's context (256), not at the calibration's 32 tokens
+    assert tgt["kind"] == "pod" and tgt["context"] == 256
     assert tgt["predicted_kv_saving"] >= 0.1
+    assert tgt["saving_at"] == {"256": pytest.approx(tgt["predicted_kv_saving"], abs=1e-6)}
     assert len(rep["similarity"]["matrix"]) == 1 and len(rep["similarity"]["matrix"][0]) == 4
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pod_map"] == tgt["pod_map"] and cfg["auto_map"]["AutoModelForCausalLM"]
     assert (out / "modeling_kvconvert_pod.py").is_file()
     model, dense = load(out, trust_remote_code=True), load(src)
-    ids = token_ids(2, 32)
+    ids = token_ids(1, 256)
     measured = 1 - kv_cache_bytes(model, ids) / kv_cache_bytes(dense, ids)
     assert measured == pytest.approx(tgt["predicted_kv_saving"], abs=1e-6)
+    assert "Predicted KV cache saving at 256 tokens" in (out / "README.md").read_text()
     for name, t in load(src).state_dict().items():  # weights unchanged
         assert torch.equal(model.state_dict()[name], t), name
 
@@ -96,7 +99,7 @@ def test_gqa_then_pod(tiny_models, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # stage removed
     gqa_only = kvconvert.convert(str(src), str(tmp_path / "gqa"), kv_heads=2, **POD)
     model, merged = load(out, trust_remote_code=True), load(gqa_only)
-    ids = token_ids(2, 32)
+    ids = token_ids(1, rep["target"]["context"])
     saving = 1 - kv_cache_bytes(model, ids) / kv_cache_bytes(merged, ids)
     assert saving == pytest.approx(rep["target"]["predicted_kv_saving"], abs=1e-6)
     for name, t in merged.state_dict().items():  # the PoD weights are the merged ones
@@ -142,3 +145,21 @@ def test_defaults_fit_together(tiny_models, tmp_path):
     rep = json.loads((out / "kvconvert.json").read_text())["target"]
     assert rep["recent"] == 40 // 2 - 16
     assert "--seq-len 40 / 2" in rep["recent_from"] and "--seq-len 64 or more" in rep["recent_from"]
+
+
+def test_kv_saving_means_the_saving_at_the_models_context(tiny_models, tmp_path):
+    """20% with sink 2 + recent 12 cannot be had at the 32 calibration tokens (at most 14%),
+    but can at the model's 256 positions, which --context defaults to; the card states the
+    saving at a few lengths."""
+    src = tiny_models["mistral"]
+    opts = {**POD, "recent": 12, "kv_saving": 0.2}
+    with pytest.raises(kvconvert.KVConvertError, match=r"cannot be reached at 32 tokens"):
+        kvconvert.convert(str(src), str(tmp_path / "short"), target="pod", context=32, **opts)
+    assert not (tmp_path / "short").exists()
+    out = kvconvert.convert(str(src), str(tmp_path / "out"), target="pod", **opts)
+    tgt = json.loads((out / "kvconvert.json").read_text())["target"]
+    assert tgt["context"] == 256 and tgt["predicted_kv_saving"] >= 0.2
+    ids = token_ids(1, 256)
+    dense = kv_cache_bytes(load(src), ids)
+    measured = 1 - kv_cache_bytes(load(out, trust_remote_code=True), ids) / dense
+    assert measured == pytest.approx(tgt["predicted_kv_saving"], abs=1e-6)
