@@ -78,6 +78,7 @@ def main() -> None:
     ys = Yardstick(args.model, args.eval_samples, args.seq_len, batch_size=8)
     orig = ys.original
     common = dict(sink=args.sink, recent=args.recent, seq_len=args.seq_len, progress=False)
+    common["context"] = args.seq_len  # the saving at the evaluated length (docs/pod.md)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
             f"--kv-saving {args.kv_saving} --map-by {by}": dict(
@@ -101,7 +102,7 @@ def main() -> None:
         for name, pod_map in fixed.items() if not args.quick else []:
             path = Path(tmp) / f"{len(runs)}.json"
             path.write_text(json.dumps(pod_map))
-            runs[name] = dict(target="pod", pod_map=str(path), context=args.seq_len)
+            runs[name] = dict(target="pod", pod_map=str(path))
         print(
             "| map | blocks per KV head | predicted PoD saving | measured saving vs original "
             "| KL nats/token "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -116,6 +117,27 @@ def test_cli_json_schema_is_stable_and_documented(tiny_models, halved, tmp_path)
     documented = (ROOT / "docs/evaluation.md").read_text()
     for key in TOP_KEYS | MODEL_KEYS | RETRIEVAL_KEYS:
         assert f"`{key}`" in documented, f"docs/evaluation.md does not document {key!r}"
+
+
+def test_outputs_keep_what_they_promise_and_a_broken_promise_is_flagged(
+    tiny_models, halved, halved_doc, tmp_path
+):
+    """The promise is the report's bytes at the evaluated context; a cache that holds more
+    than its kvconvert.json says (here: a report that claims 1 KV head) is flagged."""
+    conv = halved_doc["models"][1]
+    assert conv["kv_bytes_promised"] == conv["kv_bytes_at_context"]
+    assert not conv["kv_bytes_over_promise"] and "FLAG" not in format_table(halved_doc)
+    liar = tmp_path / "liar"
+    shutil.copytree(halved, liar)
+    report = json.loads((liar / "kvconvert.json").read_text())
+    report["kv_bytes_per_token"]["after"] //= 2
+    (liar / "kvconvert.json").write_text(json.dumps(report))
+    doc = evaluate(str(tiny_models["llama"]), [str(liar)], EvalSettings(**SMALL), progress=False)
+    flagged = doc["models"][1]
+    assert flagged["kv_bytes_over_promise"]
+    assert flagged["kv_bytes_at_context"] == 2 * flagged["kv_bytes_promised"]
+    assert "FLAG: liar: its cache holds" in format_table(doc)
+    assert "100.0% more than" in format_table(doc)
 
 
 def test_plot_is_written(halved_doc, tmp_path):
