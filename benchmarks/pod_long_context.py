@@ -15,8 +15,9 @@ Reported per run:
   high-water mark reset just before, through /proc/self/clear_refs) minus its resident memory
   right before;
 - cache bytes: every tensor reachable from the returned cache object
-  (``kvconvert.compat.cache_bytes``), and for PoD outputs the formula's KV bytes
-  (docs/pod.md) and their ratio;
+  (``kvconvert.compat.cache_bytes``), and for kvconvert outputs the bytes their
+  ``kvconvert.json`` promises (``kvconvert.promise``; for PoD the formula of docs/pod.md)
+  and the ratio;
 - decode milliseconds per step and tokens/s (batch / seconds per step).
 
 With ``--repeats N`` each run is made N times (models alternating) and the median of each
@@ -84,17 +85,15 @@ def child(folder: str, context: int, batch: int, new_tokens: int, threads: int, 
         "decode_tok_s": batch / decode,
     }
     report = Path(folder) / "kvconvert.json"
-    if report.is_file() and getattr(model.config, "pod_map", None):
-        from kvconvert.pod.layermap import predicted_saving
+    if report.is_file():  # what the conversion report promises, for each of the batch's rows
+        from kvconvert.promise import expected_bytes
 
-        cfg = model.config
-        dense = sum(
-            2 * batch * context * kv * cfg.head_dim * torch.finfo(model.dtype).bits // 8
-            for kv in [len(row) for row in cfg.pod_map]
+        promise, _ = expected_bytes(
+            json.loads(report.read_text()), model.config, context, model.dtype
         )
-        saving = predicted_saving(cfg.pod_map, cfg.pod_sink, cfg.pod_recent, context)
-        res["formula_bytes"] = round(dense * (1 - saving))
-        res["vs_formula"] = held / res["formula_bytes"]
+        if promise is not None:
+            res["formula_bytes"] = batch * promise
+            res["vs_formula"] = held / res["formula_bytes"]
     return res
 
 

@@ -54,7 +54,7 @@ def stamp_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of every tensor reachable from a cache object (each distinct tensor once).
+    """Bytes of every tensor reachable from a cache object (each storage once).
 
     Not only its layers' keys and values: masks, copies, spare room or bookkeeping a cache
     keeps between forwards are memory its user pays too, so they count (docs/check.md); views
@@ -78,13 +78,9 @@ def cache_bytes(cache: Any) -> int:
             children = list(obj)
         elif isinstance(obj, dict):
             children = list(obj.values())
-        elif (
-            isinstance(obj, (type, torch.nn.Module))
-            or callable(obj)
-            and not hasattr(obj, "__dict__")
-        ):
+        elif isinstance(obj, (type, torch.nn.Module)):
             return
-        else:
+        else:  # any other object: its attributes (none for objects without a __dict__)
             children = list(getattr(obj, "__dict__", {}).values())
         for child in children:
             add(child, depth + 1)

@@ -387,11 +387,15 @@ def load_eval_model(
     return model.to(device).eval(), folder
 
 
-def _conversion_info(folder: Path) -> dict[str, Any] | None:
+def _read_report(folder: Path) -> dict[str, Any] | None:
+    """An output's kvconvert.json (None where the folder has none)."""
     p = folder / "kvconvert.json"
-    if not p.is_file():
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _conversion_info(rep: dict[str, Any] | None) -> dict[str, Any] | None:
+    if rep is None:
         return None
-    rep = json.loads(p.read_text())
     return {
         "target": rep.get("target"),
         "method": (rep.get("recipe") or {}).get("method"),
@@ -399,21 +403,15 @@ def _conversion_info(folder: Path) -> dict[str, Any] | None:
     }
 
 
-def promised_bytes(model: torch.nn.Module, folder: Path, tokens: int) -> int | None:
-    """The cache bytes the output's kvconvert.json promises at ``tokens`` (None: no report,
-    or it cannot say)."""
-    report = _read_report(folder)
+def promised_bytes(
+    model: torch.nn.Module, report: dict[str, Any] | None, tokens: int
+) -> int | None:
+    """The cache bytes an output's kvconvert.json promises at ``tokens`` (None: no report, or
+    it cannot say)."""
     if report is None:
         return None
     dtype = next(model.parameters()).dtype
     return expected_bytes(report, model.config, tokens, dtype)[0]
-
-
-def _read_report(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / "kvconvert.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
@@ -510,7 +508,6 @@ def evaluate(
                 times[j].append((tp, td))
                 kv_ctx[j] = nbytes
         entry["retrieval"] = run_retrieval(conv, tasks, tokenizer) if settings.trials else None
-        entry["kv_bytes_promised"] = promised_bytes(conv, conv_dir, context)
         results.append(entry)
         del conv
         if device.type == "cuda":
@@ -575,6 +572,7 @@ def _model_entry(
     settings: EvalSettings,
 ) -> dict[str, Any]:
     one = tokens[:1, :1]
+    report = _read_report(folder)
     return {
         "name": name,
         "role": role,
@@ -585,8 +583,10 @@ def _model_entry(
         "kl": 0.0 if role == "original" else None,
         "top1_agreement": 1.0 if role == "original" else None,
         "nll": None,
-        "conversion": _conversion_info(folder),
-        "kv_bytes_promised": None,
+        "conversion": _conversion_info(report),
+        "kv_bytes_promised": promised_bytes(model, report, context)
+        if role == "converted"
+        else None,
     }
 
 

@@ -26,6 +26,7 @@ architecture.
 
 import copy
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -98,6 +99,21 @@ def _cpu_flash_with_lse():
 
 
 CPU_FLASH = _cpu_flash_with_lse()
+
+
+def fused_lse(query: torch.Tensor, backend: str, softcap: float | None) -> bool:
+    """Whether a part's log-sum-exp can come from ``CPU_FLASH``: sdpa chosen, no soft-capping
+    (no fused kernel does it), on the CPU, and no gradient wanted (the operator's lse has none,
+    and ``kvconvert heal`` trains through this code). Else the math path gives it."""
+    return (
+        backend == "sdpa"
+        and softcap is None
+        and CPU_FLASH is not None
+        and query.device.type == "cpu"
+        and not (torch.is_grad_enabled() and query.requires_grad)
+    )
+
+
 _MAJOR_MINOR = tuple(int(p) for p in torch.__version__.split(".")[:2])
 SDPA_GQA = _MAJOR_MINOR >= (2, 5)  # ``enable_gqa`` of scaled_dot_product_attention
 
@@ -148,7 +164,8 @@ def attend(
             **extra,
         )
         return out, None
-    empty = None if mask is None else ~mask.any(-1)  # rows without a key: (batch, 1, q)
+    fused = fused_lse(query, backend, softcap)
+    empty = None if mask is None or not fused else ~mask.any(-1)  # rows without a key
     if causal or (mask is not None and not fold):
         if g > 1:
             key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
@@ -158,12 +175,6 @@ def attend(
         if mask is not None:
             k = key.shape[2]
             mask = mask.expand(mask.shape[0], g, q, k).reshape(mask.shape[0], 1, g * q, k)
-    fused = (
-        backend == "sdpa"
-        and CPU_FLASH is not None
-        and query.device.type == "cpu"
-        and not (torch.is_grad_enabled() and query.requires_grad)  # its lse has no gradient
-    )
     if fused:
         bias = None
         if mask is not None:
@@ -202,9 +213,7 @@ def attend_pieces(
     part per piece, for ``merge``; None where that does not apply."""
     b, g, q, d = query.shape
     pieces = min(torch.get_num_threads(), key.shape[2] // PIECE)
-    if CPU_FLASH is None or q != 1 or key.shape[1] != 1 or pieces < 2:
-        return None
-    if query.device.type != "cpu" or (torch.is_grad_enabled() and query.requires_grad):
+    if not fused_lse(query, "sdpa", None) or q != 1 or key.shape[1] != 1 or pieces < 2:
         return None
     size = key.shape[2] // pieces
     end = size * pieces
@@ -246,6 +255,15 @@ def spans_of(t: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
             merged.append([a, b])
     pieces = [t[:, :, a:b] for a, b in merged]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+
+@functools.lru_cache(maxsize=256)
+def head_shift(shift: tuple[float, ...], g: int, device: torch.device) -> torch.Tensor:
+    """Per KV head biases as (1, kv * g, 1), for the query rows of a part's log-sum-exp; made
+    once per device, not at every forward."""
+    with torch.inference_mode(False):  # usable in and out of inference mode alike
+        per_kv = torch.tensor(shift, dtype=torch.float32, device=device)
+        return per_kv.repeat_interleave(g)[None, :, None]
 
 
 # --- cache ------------------------------------------------------------------------------------
@@ -294,10 +312,13 @@ def head_runs(pod_map: list[list[int]], layer_idx: int) -> list[HeadRun]:
     return runs
 
 
-def owns_exactly(t: torch.Tensor) -> bool:
-    """Whether ``t`` is all of its memory (not a view into a larger buffer, such as a fused
-    projection's output, which it would keep alive): then the cache can hold it as it is."""
-    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+def first_fill(new: torch.Tensor) -> torch.Tensor:
+    """What an empty cache holds of its first tokens: ``new`` itself when it is all of its
+    memory (no copy of a whole prefill), else a copy, so that a view into a larger buffer (a
+    fused projection's output, say) does not keep the buffer alive."""
+    return (
+        new if new.untyped_storage().nbytes() == new.numel() * new.element_size() else new.clone()
+    )
 
 
 class PodCacheLayer(CacheLayerMixin):
@@ -317,7 +338,6 @@ class PodCacheLayer(CacheLayerMixin):
         sources = pod_map[layer_idx]
         self.owned = [h for h, b in enumerate(sources) if b == layer_idx]
         self.borrowing = [h for h, b in enumerate(sources) if b != layer_idx]
-        self.shares = bool(self.borrowing)
         self.window_keys: torch.Tensor | None = None
         self.runs = head_runs(pod_map, layer_idx)
         #: per name ("keys", "values"): the buffer the tensor is a view of, with spare room
@@ -341,8 +361,8 @@ class PodCacheLayer(CacheLayerMixin):
         if self.borrowing:
             new = key_states if not self.owned else key_states[:, self.borrowing]
             held = self.window_keys
-            first = held.shape[2] == 0 and owns_exactly(new)
-            self.window_keys = new if first else torch.cat([held, new], dim=-2)
+            empty = held.shape[2] == 0
+            self.window_keys = first_fill(new) if empty else torch.cat([held, new], dim=-2)
         self.values = self.grow("values", value_states)
         return self.keys, self.values
 
@@ -357,7 +377,7 @@ class PodCacheLayer(CacheLayerMixin):
         t, q = held.shape[2], new.shape[2]
         if t == 0:
             self.room.pop(name, None)
-            return new if owns_exactly(new) else new.clone()
+            return first_fill(new)
         frozen = room is not None and room.is_inference() and not torch.is_inference_mode_enabled()
         if room is None or frozen or t + q > room.shape[2]:
             room = held.new_empty(*held.shape[:2], t + q + max(16, (t + q) // 128), held.shape[3])
@@ -579,17 +599,6 @@ class PodCache(Cache):
         past = total - q
         return [(past + i, past + min(q, i + size)) for i in range(0, q, size)]
 
-    def _uses_math(self, query: torch.Tensor, softcap: float | None) -> bool:
-        """Whether parts that need their log-sum-exp run on the math path (see ``attend``)."""
-        fused = (
-            self.backend == "sdpa"
-            and softcap is None
-            and CPU_FLASH is not None
-            and query.device.type == "cpu"
-            and not (torch.is_grad_enabled() and query.requires_grad)
-        )
-        return not fused
-
     def _masks(
         self, s0: int, s1: int, kslots: torch.Tensor, window: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -671,18 +680,15 @@ class PodCache(Cache):
         past = total - q
         backend, sink, recent = self.backend, self.sink, self.recent
         device = query.device
-        math = self._uses_math(query, softcap)
+        math = not fused_lse(query, backend, softcap)
         g = query.shape[1] // far.shape[1]
-        bias = None
-        if shift is not None and any(shift):
-            bias = torch.tensor(shift, dtype=torch.float32, device=device).repeat_interleave(g)
-            bias = bias[None, :, None]
+        bias = None if shift is None or not any(shift) else head_shift(shift, g, device)
 
         def add(rows, keys, vals, mask, distant, causal=False, fold=True, into=None):
             """Append the part(s) of these keys to ``into`` (default: ``parts``)."""
             into = parts if into is None else into
             done = None
-            if distant and mask is None and not causal and backend == "sdpa" and not math:
+            if distant and mask is None and not causal and not math:
                 done = attend_pieces(rows, keys, vals, scale)  # decoding over many keys
             for out, lse in done or [
                 attend(rows, keys, vals, mask, scale, backend, softcap, dropout, True, causal, fold)

@@ -99,7 +99,7 @@ SAVING_AT = (2048, 4096, 8192, 16384, 32768)
 
 def model_context(config: dict[str, Any]) -> int | None:
     """The longest context the source model declares, if any."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+    for key in ("max_position_embeddings", "n_positions"):
         if isinstance(config.get(key), int) and config[key] > 0:
             return config[key]
     return None
@@ -133,7 +133,7 @@ def auto_recent(config: dict[str, Any], seq_len: int, sink: int) -> tuple[int, s
     """The default ``--recent``: the model's context / 8 - sink (the PoD paper's 4080 of 32K),
     capped at seq_len / 2 - sink so that half of each calibration sequence is distant; and
     a line saying which bound chose it."""
-    context = config.get("max_position_embeddings") or config.get("n_positions") or seq_len
+    context = model_context(config) or seq_len
     by_context, by_calibration = int(context) // 8 - sink, seq_len // 2 - sink
     recent = min(by_context, by_calibration)
     if recent < 1:
