@@ -9,6 +9,7 @@ Each measurement runs in its own subprocess (so peak RSS, ``ru_maxrss``, is that
 2. convert: ``kvconvert.convert`` (the layer-sequential engine) with the model's
    ``calibration.jsonl`` (pre-tokenized ``input_ids``).
 Targets (issue 7): convert peak RSS < 0.35x checkpoint bytes; convert wall <= 1.5x forward.
+``--refine-steps 0`` / ``--refine-rows 0`` compare the refinement's cost (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def child_convert(a: argparse.Namespace) -> dict:
         propagate=a.propagate,
         device=a.device,
         progress=False,
+        **{
+            k: v
+            for k, v in (("refine_steps", a.refine_steps), ("refine_rows", a.refine_rows))
+            if v is not None
+        },  # fmt: skip
     )
     return {
         "convert_s": time.perf_counter() - t0,
@@ -122,6 +128,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--propagate", default="original", choices=["original", "converted"])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the conversion's --device)")
+    ap.add_argument("--refine-steps", type=int, help="kvconvert's --refine-steps (default: its)")
+    ap.add_argument("--refine-rows", type=int, help="kvconvert's --refine-rows (default: its)")
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--child", choices=["forward", "convert"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -133,6 +141,8 @@ def main() -> None:
     opts = ["--kv-heads", str(a.kv_heads), "--num-samples", str(a.num_samples)]
     opts += ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--seed", str(a.seed)]
     opts += ["--propagate", a.propagate, "--device", a.device]
+    for flag, value in (("--refine-steps", a.refine_steps), ("--refine-rows", a.refine_rows)):
+        opts += [flag, str(value)] if value is not None else []
     ckpt = sum(p.stat().st_size for p in Path(a.model).glob("*.safetensors"))
     with tempfile.TemporaryDirectory(dir=Path(a.model).parent) as tmp:
         conv = run_child("convert", a, [*opts, "--out", str(Path(tmp) / "out")])
@@ -144,7 +154,8 @@ def main() -> None:
         f"device {a.device}"
     )
     print(
-        f"convert (--propagate {a.propagate}): {conv['convert_s']:.1f} s "
+        f"convert (--propagate {a.propagate}, --refine-steps {a.refine_steps}, --refine-rows "
+        f"{a.refine_rows}; None: the default): {conv['convert_s']:.1f} s "
         f"(process {conv['process_wall_s']:.1f} s), peak RSS {conv['peak_rss'] / gb:.3f} GB "
         f"= {conv['peak_rss'] / ckpt:.3f}x checkpoint (target < 0.35x); "
         f"RSS after imports {conv['rss_after_import'] / gb:.3f} GB; "

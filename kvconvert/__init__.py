@@ -11,6 +11,7 @@ Python API::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,45 @@ def convert(
     values.update(options)
     if model is not None:
         values["model"] = model
-    return _convert(Recipe(**{**values, "output": output}), progress=progress)
+    try:
+        return _convert(Recipe(**{**values, "output": output}), progress=progress)
+    except KVConvertError as e:
+        raise KVConvertError(in_python_terms(str(e))) from None
+
+
+#: ``--kv-heads 3`` / ``--kv-heads N`` / ``--resume`` in a message, with the next word.
+_FLAG = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?: ([^\s;:()]+))?")
+_VALUE = re.compile(r"\d[\w.,]*|[A-Z][A-Z_]*|'[^']*'")
+
+
+def in_python_terms(message: str) -> str:
+    """An error message written for the command line, in the Python API's terms: a flag that
+    is a Recipe field (``--kv-heads 3``) becomes its keyword (``kv_heads=3``)."""
+    fields = Recipe.__dataclass_fields__
+
+    def keyword(m: re.Match[str]) -> str:
+        name, word = m.group(1).replace("-", "_"), m.group(2)
+        if name not in fields:
+            return m.group(0)
+        tail = ""
+        if word and word[-1] in ",.":  # punctuation after the word is the sentence's
+            word, tail = word[:-1], word[-1]
+        rest = f" {word}{tail}" if word else ""
+        if fields[name].default is False:
+            return f"{name}=True{rest}"
+        choices = fields[name].metadata.get("choices") or ()
+        if word and word in choices:
+            return f"{name}={word!r}{tail}"
+        if word and _VALUE.fullmatch(word):
+            return f"{name}={word}{tail}"
+        return f"{name}{rest}"
+
+    return _FLAG.sub(keyword, message)
 
 
 def push(folder: str | Path, repo_id: str, **kwargs: Any) -> str:
-    """Upload a finished output folder to the Hub; see :func:`kvconvert.hub.push`."""
+    """Upload a finished output folder to the Hub, its card, recipe and report without local
+    paths (docs/publishing.md); see :func:`kvconvert.hub.push` for the options."""
     from .pipeline import push as _push
 
     return _push(folder, repo_id, **kwargs)

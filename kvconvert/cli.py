@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from .errors import KVConvertError
-from .evaluate import EvalSettings
+from .errors import KeptProgress, KVConvertError
+from .evalsettings import EvalSettings
 from .heal.options import HealOptions
 from .recipe import DEVICES, LOCAL_ONLY, Recipe, load_recipe_file
 
@@ -86,8 +86,10 @@ def _add_options(cls: type, func):  # noqa: ANN001, ANN202
     "--recipe",
     "recipe_file",
     type=click.Path(dir_okay=False),
-    help="YAML recipe holding options above (all but -o, --overwrite, --trust-remote-code), "
-    "e.g. an output's recipe.yaml; flags given on the command line override its values.",
+    help="YAML recipe holding options above (all but -o, --overwrite, --trust-remote-code and "
+    "the run settings --device, --threads, --resume, --dry-run, --heal-resume, "
+    "--offload-activations), e.g. an output's recipe.yaml; flags given on the command line "
+    "override its values.",
 )
 @click.option(
     "--push-to-hub", metavar="USER/NAME", help="Upload the finished output to this Hub repo."
@@ -217,7 +219,7 @@ def demo_cmd(output: str, quiet: bool) -> None:
         f"{s['kv_bytes_per_token_after']} bytes\n"
         f"KL to the original (nats/token): svd {s['kl_svd']:.4f}, mean-pooling baseline "
         f"{s['kl_mean']:.4f}\n"
-        f"converted model: {output}/converted"
+        f"converted model: {Path(output) / 'converted'}"
     )
 
 
@@ -331,6 +333,9 @@ def _run(fn):  # noqa: ANN001, ANN202 - tiny helper
         return fn()
     except KVConvertError as e:
         raise click.ClickException(str(e)) from None
+    except KeptProgress as e:  # the run kept its progress: say where, not "nothing written"
+        click.echo(str(e).lstrip("\n"), err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         click.echo("interrupted; no output was written", err=True)
         sys.exit(130)

@@ -6,3 +6,8 @@ The CLI prints its message as a one-line error and exits non-zero; the Python AP
 
 class KVConvertError(Exception):
     """A user-facing error: the message says what is wrong and, where possible, what to do."""
+
+
+class KeptProgress(KeyboardInterrupt):
+    """An interrupt (Ctrl-C) after which a run kept its progress for ``--resume``; the message
+    says where. The CLI prints it instead of "no output was written"."""

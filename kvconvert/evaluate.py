@@ -8,17 +8,22 @@ Nothing here reads the config to predict the cache: bytes are summed over every 
 cache's layers hold, so custom caches of remote-code outputs (per-layer KV heads, PoD layers
 whose keys and values differ in length) are measured the same way as ``DynamicCache``.
 The original stays loaded; each converted model is loaded once, measured and released.
+What depends on the original alone (its sampled evaluation tokens, its retrieval scores) is
+kept in a small on-disk cache (``kvconvert.evalcache``), so evaluating the next output of the
+same original skips that work. Every phase shows its own bar and, when long, an estimate.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
 import re
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +33,10 @@ from tqdm.auto import tqdm
 
 from .compat import cache_bytes, cache_kwargs, output_cache
 from .errors import KVConvertError
+from .eta import Estimate
+from .evalcache import EvalCache, cache_dir, content_digest, files_fingerprint
+from .evalsettings import EvalSettings as EvalSettings  # the options, torch-free for the CLI
 from .promise import BYTES_TOLERANCE, expected_bytes
-from .recipe import DEVICES, DTYPES, option
 from .report import record_fidelity
 from .source import check_derived
 
@@ -39,90 +46,6 @@ SCHEMA_VERSION = 1
 PASSKEY_FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
-
-
-@dataclass
-class EvalSettings:
-    """Every option of ``kvconvert eval``; each field's metadata is its CLI flag's help."""
-
-    data: str = option(
-        "self",
-        "Evaluation tokens: 'self' (sampled from the original, seeded, disjoint from the "
-        "calibration seed), a .txt file or folder, a .jsonl (text or input_ids), or a Hub "
-        "dataset id.",
-    )
-    num_samples: int = option(16, "Evaluation sequences for KL and perplexity.", type=int)
-    seq_len: int = option(128, "Tokens per evaluation sequence.", type=int)
-    batch_size: int = option(8, "Sequences per forward pass.", type=int)
-    seed: int = option(
-        1234,
-        "Seed for evaluation data, passkeys and copy spans (keep it apart from --seed "
-        "of the conversion).",
-        type=int,
-    )
-    text_field: str = option("text", "Field holding the text in .jsonl evaluation data.")
-    context: int = option(
-        1024,
-        "Prompt length for KV bytes, speed and retrieval (capped at the model's "
-        "max_position_embeddings minus --new-tokens).",
-        type=int,
-    )
-    new_tokens: int = option(32, "Tokens decoded after the prompt for decode speed.", type=int)
-    repeats: int = option(
-        3, "Timed runs per model (interleaved); the median is reported.", type=int
-    )
-    depths: str = option(
-        "0,0.25,0.5,0.75,1", "Retrieval depths: where the passkey or copied span sits (0 = start)."
-    )
-    trials: int = option(4, "Retrieval prompts per depth.", type=int)
-    device: str = option("auto", "Where models run (auto: CUDA if available).", DEVICES)
-    dtype: str = option("auto", "Dtype models are loaded in (auto: the checkpoint's).", DTYPES)
-    threads: int | None = option(
-        None,
-        "CPU threads torch uses (default: torch's choice, one per core). On a shared or busy "
-        "machine fewer threads can be much faster; OMP_NUM_THREADS is honoured too.",
-        type=int,
-    )
-    trust_remote_code: bool = option(
-        False,
-        "Allow models' own code to run. kvconvert outputs (kvconvert.json + auto_map) are "
-        "trusted without it; anything else is not.",
-    )
-    record: bool = option(
-        False,
-        "Write what was measured (KL, perplexity, KV ratio, the data) into each converted "
-        "kvconvert output: its kvconvert.json 'evaluation' and its model card's Fidelity "
-        "section.",
-    )
-
-    def validate(self) -> EvalSettings:
-        for f in fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                raise KVConvertError(
-                    f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(allowed)}"
-                )
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise KVConvertError(f"threads: must be a positive integer, got {self.threads!r}")
-        for key in ("num_samples", "seq_len", "batch_size", "context", "new_tokens", "repeats"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
-                raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
-        if self.seq_len < 2:
-            raise KVConvertError("seq_len: must be at least 2")
-        if self.trials < 0:
-            raise KVConvertError(f"trials: must be 0 or more, got {self.trials!r}")
-        self.depth_list()
-        return self
-
-    def depth_list(self) -> list[float]:
-        try:
-            out = [float(x) for x in str(self.depths).split(",") if x.strip()]
-        except ValueError:
-            raise KVConvertError(f"depths: cannot read {self.depths!r} (e.g. 0,0.5,1)") from None
-        if not out or any(not 0 <= d <= 1 for d in out):
-            raise KVConvertError(f"depths: give fractions between 0 and 1, got {self.depths!r}")
-        return out
 
 
 # --- measurements usable on their own (tests, demo, benchmarks) ------------------------------
@@ -183,12 +106,39 @@ def _kl_sum(ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> float:
     return total
 
 
+def _fidelity_sums(
+    ref_logits: torch.Tensor, cand_logits: torch.Tensor, ids: torch.Tensor
+) -> tuple[float, float, float]:
+    """Sums over one batch of KL(ref || cand) (every position) and of both models' next-token
+    NLL (every position but the last), in float64, chunk by chunk. Each row's log-softmax is
+    computed once per model and serves the KL and the NLL alike (``_kl_sum`` and two
+    ``_nll_sum`` calls would compute the reference's twice and the candidate's twice)."""
+    b, t, v = ref_logits.shape
+    r, c = ref_logits.flatten(0, 1), cand_logits.flatten(0, 1)
+    target = ids.roll(-1, dims=1).flatten().unsqueeze(1)  # the next token at every position
+    scored = (torch.arange(t, device=ids.device) < t - 1).repeat(b)  # the last has no next
+    kl = nll_r = nll_c = torch.zeros((), dtype=torch.float64, device=r.device)
+    for rows in _row_chunks(r.shape[0], v):
+        lp = F.log_softmax(r[rows].double(), dim=-1)
+        lq = F.log_softmax(c[rows].double(), dim=-1)
+        kl = kl + (lp.exp() * (lp - lq)).sum()
+        keep, tgt = scored[rows], target[rows]
+        nll_r = nll_r - lp.gather(1, tgt).squeeze(1)[keep].sum()
+        nll_c = nll_c - lq.gather(1, tgt).squeeze(1)[keep].sum()
+    return float(kl), float(nll_r), float(nll_c)
+
+
 @torch.inference_mode()
 def fidelity(
-    reference: torch.nn.Module, candidate: torch.nn.Module, tokens: torch.Tensor, batch_size: int
+    reference: torch.nn.Module,
+    candidate: torch.nn.Module,
+    tokens: torch.Tensor,
+    batch_size: int,
+    progress: Any = None,
 ) -> dict[str, float]:
     """KL(reference || candidate) per token, both models' NLL per token, and how often their
-    most likely next tokens agree (top-1 agreement), one pass each."""
+    most likely next tokens agree (top-1 agreement), one pass each. ``progress``: anything
+    with ``update(n)`` (a bar), told the sequences done after each batch."""
     kl = nll_r = nll_c = 0.0
     n_kl = n_nll = agree = 0
     dev_r, dev_c = model_device(reference), model_device(candidate)
@@ -196,13 +146,13 @@ def fidelity(
         b = tokens[i : i + batch_size]
         lr = reference(input_ids=b.to(dev_r)).logits
         lc = candidate(input_ids=b.to(dev_c)).logits.to(lr.device)
-        kl += _kl_sum(lr, lc)
+        sums = _fidelity_sums(lr, lc, b.to(lr.device))
+        kl, nll_r, nll_c = kl + sums[0], nll_r + sums[1], nll_c + sums[2]
         agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
-        bd = b.to(lr.device)
-        nll_r += float(_nll_sum(lr, bd))
-        nll_c += float(_nll_sum(lc, bd))
         n_kl += b.numel()
         n_nll += b[:, 1:].numel()
+        if progress is not None:
+            progress.update(b.shape[0])
     return {
         "kl": kl / max(n_kl, 1),
         "nll_reference": nll_r / n_nll,
@@ -242,8 +192,17 @@ def prefill_decode(
     out = model(input_ids=ids, use_cache=True)
     _sync(dev)
     t1 = time.perf_counter()
+    nbytes = cache_bytes(output_cache(out))
+    gen = decode(model, out, new_tokens)
+    _sync(dev)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, nbytes, gen
+
+
+def decode(model: torch.nn.Module, out: Any, new_tokens: int) -> torch.Tensor:
+    """``new_tokens`` greedy ids after a prefill's output ``out`` (its cache, its last logits),
+    staying on the device: no host sync per token."""
     cache = output_cache(out)
-    nbytes = cache_bytes(cache)
     nxt = out.logits[:, -1:].argmax(-1)
     gen = [nxt]
     for _ in range(new_tokens - 1):
@@ -251,14 +210,19 @@ def prefill_decode(
         cache = output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
         gen.append(nxt)
-    _sync(dev)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, nbytes, torch.cat(gen, dim=1)
+    return torch.cat(gen, dim=1)
 
 
 # --- retrieval probes ------------------------------------------------------------------------
 def passkey_prompt(tokenizer: Any, context: int, depth: float, key: int) -> list[int]:
-    """Filler text of about ``context`` tokens with the passkey sentence at ``depth``."""
+    """Filler text of about ``context`` tokens with the passkey sentence at ``depth``.
+
+    The key goes after ``depth`` of the filler passages but the last, so that even at depth 1
+    one passage stands between it and the question. Right before the question, the key
+    sentence's own ending ("N is the pass key.") is what the question ends on, and a small
+    model continues the pattern instead of answering: SmolLM2-135M said " the pass key." and
+    found 0/4 keys there, 4/4 at every other depth; a probe the original fails measures
+    nothing."""
     intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it. "
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     question = "What is the pass key? The pass key is"
@@ -268,7 +232,7 @@ def passkey_prompt(tokenizer: Any, context: int, depth: float, key: int) -> list
 
     room = context - n(intro) - n(needle) - n(question) - 4
     reps = max(room // max(n(PASSKEY_FILLER), 1), 1)
-    k = round(depth * reps)
+    k = round(depth * (reps - 1))
     text = intro + PASSKEY_FILLER * k + needle + PASSKEY_FILLER * (reps - k) + question
     return tokenizer(text)["input_ids"][-context:]
 
@@ -320,22 +284,48 @@ def retrieval_tasks(
     return {"task": kind, "metric": metric, "depths": depths, "prompts": prompts}
 
 
+def keeps_last_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` by name (transformers' own rule
+    for using it in ``generate``): a retrieval prompt then needs the output head for its last
+    position only, not for all ``--context`` of them (a fifth of SmolLM2's prefill)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.inference_mode()
-def run_retrieval(model: torch.nn.Module, tasks: dict[str, Any], tokenizer: Any | None) -> dict:
-    dev = model_device(model)
+def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy continuation of one prompt: ``new_tokens`` ids (the retrieval probes' decoder;
+    untimed, so the prefill computes the last position's logits only where it can)."""
+    last = {"logits_to_keep": 1} if keeps_last_logits(model) else {}
+    out = model(input_ids=ids.to(model_device(model)), use_cache=True, **last)
+    return decode(model, out, new_tokens)[0].tolist()
+
+
+#: Tokens generated after a passkey prompt; the first number in them is the answer.
+PASSKEY_NEW_TOKENS = 8
+
+
+@torch.inference_mode()
+def run_retrieval(
+    model: torch.nn.Module, tasks: dict[str, Any], tokenizer: Any | None, progress: Any = None
+) -> dict:
+    """Score ``model`` on every prompt of ``tasks``; ``progress`` (a bar) is told each one."""
     acc = []
     for row in tasks["prompts"]:
         scores = []
         for prompt, answer in row:
-            ids = torch.tensor([prompt], device=dev)
+            ids = torch.tensor([prompt])
             if tasks["task"] == "passkey":
-                _, _, _, gen = prefill_decode(model, ids, 8)
-                m = re.search(r"\d+", tokenizer.decode(gen[0].tolist()))
+                gen = greedy(model, ids, PASSKEY_NEW_TOKENS)
+                m = re.search(r"\d+", tokenizer.decode(gen))
                 scores.append(float(m is not None and m.group() == str(answer)))
             else:
-                _, _, _, gen = prefill_decode(model, ids, len(answer))
-                got = gen[0].tolist()
+                got = greedy(model, ids, len(answer))
                 scores.append(sum(a == b for a, b in zip(got, answer, strict=True)) / len(answer))
+            if progress is not None:
+                progress.update(1)
         acc.append(sum(scores) / len(scores) if scores else None)
     return {
         "task": tasks["task"],
@@ -421,9 +411,102 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return int(v) if isinstance(v, int) else None
 
 
+# --- progress: one bar and one estimate per phase ---------------------------------------------
+class _AboveBars:
+    """A text stream for an estimate's line: written above the live bars (``tqdm.write``), so
+    the line is not glued to the end of a bar."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            tqdm.write(line, file=sys.stderr)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class Phase:
+    """One phase of an eval: a bar on stderr, and once its first ``after`` units are done, one
+    line saying what the whole phase will take (``kvconvert.eta``, when 20 s or more: a log
+    keeps it where it keeps only a bar's last state). Both are off with ``progress=False``."""
+
+    def __init__(self, desc: str, total: int, unit: str, progress: bool, after: int = 1):
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress)
+        self.eta = Estimate(desc, total, unit, after=after, enabled=progress, stream=_AboveBars())
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.eta.update(n)
+
+    def __enter__(self) -> Phase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        tqdm.write(line, file=sys.stderr)
+
+
+# --- what depends on the original alone: measured once, cached -------------------------------
+def open_cache(
+    settings: EvalSettings,
+    model: torch.nn.Module,
+    folder: Path,
+    device: torch.device,
+    progress: bool,
+) -> EvalCache:
+    """The eval cache for this original as loaded here (off with ``--no-cache``). Its keys
+    name the original's files (paths, sizes, mtimes), the dtype and device it ran in, and the
+    torch and transformers versions, so that a result is only reused where it would come out
+    the same."""
+    import transformers
+
+    kind = device.type
+    if kind == "cuda":
+        kind = f"cuda:{torch.cuda.get_device_name(device)}"
+    base = {
+        "original": files_fingerprint(folder),
+        "dtype": str(next(model.parameters()).dtype),
+        "device": kind,
+        "trust_remote_code": bool(settings.trust_remote_code),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    return EvalCache(None if settings.no_cache else cache_dir(), base, progress)
+
+
+def _valid_tokens(value: Any, n: int, length: int, vocab: int | None) -> bool:
+    if not (isinstance(value, list) and len(value) == n):
+        return False
+    top = vocab if vocab is not None else 2**63
+    return all(
+        isinstance(row, list)
+        and len(row) == length
+        and all(isinstance(t, int) and 0 <= t < top for t in row)
+        for row in value
+    )
+
+
 def evaluation_tokens(
-    settings: EvalSettings, model: torch.nn.Module, folder: Path, tokenizer: Any | None, bos: int
+    settings: EvalSettings,
+    model: torch.nn.Module,
+    folder: Path,
+    tokenizer: Any | None,
+    bos: int,
+    cache: EvalCache | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
+    """The evaluation tokens: sampled from ``model`` for ``--data self`` (from ``cache`` when
+    it holds them: sampling is a decode loop, the slowest part after retrieval), else read and
+    tokenized (fast; never cached)."""
     from .calibration.data import (
         decode_batch,
         load_documents,
@@ -432,15 +515,69 @@ def evaluation_tokens(
         vocab_size,
     )
 
+    vocab = vocab_size(json.loads((folder / "config.json").read_text()))
     if settings.data == "self":
         n, length = settings.num_samples, settings.seq_len
+        key = {
+            "seed": settings.seed,
+            "num_samples": n,
+            "seq_len": length,
+            "batch_size": settings.batch_size,
+            "bos": bos,
+        }
+        if cache is not None:
+            hit = cache.get("samples", key, lambda v: _valid_tokens(v, n, length, vocab))
+            if hit is not None:
+                _say(progress, f"evaluation tokens: {n} x {length} sampled earlier (eval cache)")
+                return torch.tensor(hit, dtype=torch.long)
         batch = decode_batch(model, bos, n, length, settings.batch_size)
-        return sample_from_model(model, bos, n, length, batch, settings.seed).cpu()
+        steps = -(-n // batch) * (length - 1)
+        with Phase("sampling evaluation tokens", steps, "steps", progress, after=3) as bar:
+            tokens = sample_from_model(model, bos, n, length, batch, settings.seed, None, bar)
+        tokens = tokens.cpu()
+        if cache is not None:
+            cache.put("samples", key, tokens.tolist())
+        return tokens
     docs = load_documents(settings.data, settings.text_field)
-    vocab = vocab_size(json.loads((folder / "config.json").read_text()))
     return tokenize_documents(
         docs, tokenizer, settings.num_samples, settings.seq_len, settings.seed, vocab
     )
+
+
+def original_retrieval(
+    model: torch.nn.Module,
+    tasks: dict[str, Any],
+    tokenizer: Any | None,
+    cache: EvalCache,
+    progress: bool,
+) -> dict[str, Any]:
+    """The original's retrieval scores: from the cache when it holds them for these very
+    prompts (the key is a digest of every prompt and answer), else run and stored."""
+    depths = tasks["depths"]
+    key = {"retrieval": content_digest([tasks["task"], tasks["prompts"]])}
+
+    def valid(v: Any) -> bool:
+        return (
+            isinstance(v, list)
+            and len(v) == len(depths)
+            and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in v)
+        )
+
+    hit = cache.get("retrieval", key, valid)
+    if hit is not None:
+        _say(progress, "retrieval: the original's scores measured earlier (eval cache)")
+        return {
+            "task": tasks["task"],
+            "metric": tasks["metric"],
+            "depths": depths,
+            "trials": len(tasks["prompts"][0]) if tasks["prompts"] else 0,
+            "accuracy": [float(a) for a in hit],
+        }
+    n = sum(len(row) for row in tasks["prompts"])
+    with Phase("retrieval: original", n, "prompts", progress) as bar:
+        result = run_retrieval(model, tasks, tokenizer, bar)
+    cache.put("retrieval", key, result["accuracy"])
+    return result
 
 
 def evaluate(
@@ -450,7 +587,11 @@ def evaluate(
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Measure ``original`` and each of ``converted``; return the ``--json`` document."""
+    """Measure ``original`` and each of ``converted``; return the ``--json`` document.
+
+    Order: the original's own work first (its tokens and retrieval, each from the eval cache
+    when there), then per converted model its KL and perplexity, speed (interleaved with the
+    original's) and retrieval, each phase with its own bar."""
     from .loading import bos_token_id, load_tokenizer, quiet_libraries, resolve_device, set_threads
     from .report import versions
 
@@ -471,7 +612,8 @@ def evaluate(
     tokenizer = load_tokenizer(orig_dir, settings.trust_remote_code)
     cfg = json.loads((orig_dir / "config.json").read_text())
     bos = bos_token_id(orig_dir, cfg, tokenizer)
-    tokens = evaluation_tokens(settings, orig, orig_dir, tokenizer, bos)
+    cache = open_cache(settings, orig, orig_dir, device, progress)
+    tokens = evaluation_tokens(settings, orig, orig_dir, tokenizer, bos, cache, progress)
     max_pos = _max_positions(orig)
     context = settings.context
     if max_pos is not None:
@@ -483,38 +625,45 @@ def evaluate(
     speed_ids[0, 0] = bos
     tasks = retrieval_tasks(settings, context, tokenizer, tokens.flatten(), vocab, bos)
 
+    results: list[dict[str, Any]] = [
+        _model_entry(original, "original", orig, orig_dir, tokens, context, settings)
+    ]
+    results[0]["retrieval"] = (
+        original_retrieval(orig, tasks, tokenizer, cache, progress) if settings.trials else None
+    )
     # Warm up once, then per-model lists of timings; the original is timed next to each model.
     prefill_decode(orig, speed_ids[:, : min(context, 16)], 2)
     times: dict[int, list[tuple[float, float]]] = {0: []}
     kv_ctx: dict[int, int] = {}
-    results: list[dict[str, Any]] = [
-        _model_entry(original, "original", orig, orig_dir, tokens, context, settings)
-    ]
-    bar = tqdm(total=len(converted), desc="evaluating", unit="model", disable=not progress)
+    n_prompts = sum(len(row) for row in tasks["prompts"])
     for idx, name in enumerate(converted, 1):
+        label = short_name(name) + (f" ({idx}/{len(converted)})" if len(converted) > 1 else "")
         conv, conv_dir = load_eval_model(
             name, device, settings.dtype, settings.trust_remote_code, progress
         )
         entry = _model_entry(name, "converted", conv, conv_dir, tokens, context, settings)
-        fid = fidelity(orig, conv, tokens, settings.batch_size)
+        with Phase(f"KL, perplexity: {label}", tokens.shape[0], "seq", progress) as bar:
+            fid = fidelity(orig, conv, tokens, settings.batch_size, bar)
         entry["kl"], entry["nll"] = fid["kl"], fid["nll"]
         entry["top1_agreement"] = fid["top1_agreement"]
         results[0]["nll"] = fid["nll_reference"]
         prefill_decode(conv, speed_ids[:, : min(context, 16)], 2)
         times[idx] = []
-        for _ in range(settings.repeats):  # interleaved: original, converted, original, ...
-            for j, m in ((0, orig), (idx, conv)):
-                tp, td, nbytes, _ = prefill_decode(m, speed_ids, settings.new_tokens)
-                times[j].append((tp, td))
-                kv_ctx[j] = nbytes
-        entry["retrieval"] = run_retrieval(conv, tasks, tokenizer) if settings.trials else None
+        with Phase(f"speed: {label}", 2 * settings.repeats, "runs", progress) as bar:
+            for _ in range(settings.repeats):  # interleaved: original, converted, original, ...
+                for j, m in ((0, orig), (idx, conv)):
+                    tp, td, nbytes, _ = prefill_decode(m, speed_ids, settings.new_tokens)
+                    times[j].append((tp, td))
+                    kv_ctx[j] = nbytes
+                    bar.update(1)
+        entry["retrieval"] = None
+        if settings.trials:
+            with Phase(f"retrieval: {label}", n_prompts, "prompts", progress) as bar:
+                entry["retrieval"] = run_retrieval(conv, tasks, tokenizer, bar)
         results.append(entry)
         del conv
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        bar.update(1)
-    bar.close()
-    results[0]["retrieval"] = run_retrieval(orig, tasks, tokenizer) if settings.trials else None
     ref_bytes = results[0]["kv_bytes_per_token"]
     for j, entry in enumerate(results):
         tp = statistics.median(t[0] for t in times[j])
@@ -644,9 +793,16 @@ def format_table(doc: dict[str, Any]) -> str:
                 f"{_bytes(m['kv_bytes_promised'])} its kvconvert.json promises (every tensor "
                 "the cache object keeps counts)"
             )
-    if not retrieval and doc["models"][0].get("retrieval"):
-        task = doc["models"][0]["retrieval"]["task"]
+    probe = doc["models"][0].get("retrieval")
+    if not retrieval and probe:
+        task = probe["task"]
         lines.append(f"(retrieval left out: the original scores 0 on the {task} task here)")
+    elif probe:  # say how small the sample behind the column is
+        depths = ",".join(f"{d:g}" for d in probe["depths"])
+        lines.append(
+            f"(retrieval: {probe['task']}, {probe['trials']} prompt(s) at each depth {depths}, "
+            f"{ctx} tokens; more with --trials, per depth in --json)"
+        )
     return "\n".join(lines)
 
 

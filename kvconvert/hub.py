@@ -10,8 +10,13 @@ and says how to retry; a retry resumes, because the Hub skips weight files it al
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import KVConvertError
@@ -59,11 +64,14 @@ def push(
     revision: str | None = None,
     commit_message: str | None = None,
     progress: bool = True,
+    rewritten: dict[str, bytes] | None = None,
 ) -> str:
     """Upload a finished kvconvert output to ``repo_id``; return the commit's URL.
 
     ``private`` applies when the repo is created (an existing repo keeps its visibility);
     ``revision`` is a branch, created from the default branch if it does not exist.
+    ``rewritten`` maps file names to the bytes uploaded in their place (the local files are
+    left as they are).
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -85,14 +93,15 @@ def push(
         api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            repo_type="model",
-            commit_message=commit_message or f"Upload {folder.name} (kvconvert)",
-            ignore_patterns=IGNORE,
-        )
+        with staged(folder, rewritten or {}) as upload:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=upload,
+                revision=revision,
+                repo_type="model",
+                commit_message=commit_message or f"Upload {folder.name} (kvconvert)",
+                ignore_patterns=IGNORE,
+            )
     except Exception as e:  # noqa: BLE001 - any failure: keep the output, say how to retry
         reason = _reason(e).replace(token, "***")
         raise KVConvertError(
@@ -101,6 +110,31 @@ def push(
             "Hub are not sent again)"
         ) from None
     return str(info.commit_url)
+
+
+@contextmanager
+def staged(folder: Path, rewritten: dict[str, bytes]) -> Iterator[Path]:
+    """``folder`` as uploaded: itself, or a temporary folder of links to its files with the
+    ``rewritten`` ones replaced (links, so that no weight file is copied)."""
+    if not rewritten:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="kvconvert-push-") as tmp:
+        stage = Path(tmp) / folder.name
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            target = stage / rel
+            if path.is_dir():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if rel.as_posix() in rewritten:
+                target.write_bytes(rewritten[rel.as_posix()])
+            else:
+                try:
+                    os.symlink(path.resolve(), target)
+                except OSError:  # no symlinks here (Windows without the right): copy
+                    shutil.copy2(path, target)
+        yield stage
 
 
 def _reason(e: BaseException) -> str:

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import hub
 from .check import check
 from .distributed import dist_setup, from_rank0, local_device, world_size
 from .engines import sequential, whole
@@ -28,11 +29,11 @@ from .errors import KVConvertError
 from .evaluate import evaluate
 from .heal import HealOptions, heal_options_from
 from .heal import heal as heal_run
-from .hub import push
 from .inspection import inspect_model
 from .loading import command_line, quiet_libraries, resolve_device, set_threads
 from .pod.target import PodTarget
 from .recipe import Recipe
+from .report import publishable
 from .source import Source
 from .target import check_target
 from .targets import target_class
@@ -157,3 +158,16 @@ def convert_and_heal(recipe: Recipe, progress: bool = True, command: str | None 
     finally:
         if rank == 0:
             shutil.rmtree(staged, ignore_errors=True)
+
+
+def push(folder: str | Path, repo_id: str, **kwargs: Any) -> str:
+    """Upload a finished output; its card, recipe and report go up without local paths
+    (``report.publishable``; docs/publishing.md), the local files stay as they are."""
+    path = Path(folder).expanduser()
+    rewritten = {}
+    if (path / "kvconvert.json").is_file():
+        try:
+            rewritten = publishable(path)
+        except (OSError, ValueError) as e:
+            raise KVConvertError(f"push: cannot read {path / 'kvconvert.json'}: {e}") from None
+    return hub.push(path, repo_id, rewritten=rewritten, **kwargs)

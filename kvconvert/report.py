@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import re
+import shlex
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .compat import NEWEST_TESTED_TRANSFORMERS, OLDEST_TRANSFORMERS
-from .recipe import HUB_ID, Recipe, recipe_to_yaml
+from .recipe import HUB_ID, RUN_SETTINGS, Recipe, recipe_to_yaml
 from .writer import write_json
 
 if TYPE_CHECKING:
@@ -37,10 +39,12 @@ def report_header(
     return {
         "kvconvert_report": 1,
         "command": command or "kvconvert.convert(...)",
-        "recipe": recipe.to_dict(),
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k not in RUN_SETTINGS},
+        "run": {k: getattr(recipe, k) for k in RUN_SETTINGS},  # how it ran, not what it made
         "versions": versions(),
         "source": {
             "model": recipe.model,
+            "local": local_source(recipe),
             "revision": recipe.revision,
             "model_type": src.config.get("model_type"),
             "num_key_value_heads": num_kv_heads or src.num_kv_heads,
@@ -61,7 +65,7 @@ def write_recipe(work: Path, recipe: Recipe, report: dict[str, Any], source: Pat
     elif recipe.revision is None and source.parent.name == "snapshots":
         pinned = replace(recipe, revision=source.name)  # the exact Hub commit converted
     header = (
-        f"kvconvert recipe: {report['command']}\n"
+        f"kvconvert recipe: {reproducible_command(report['command'])}\n"
         "Re-run: kvconvert --recipe recipe.yaml -o OUT   (flags given override these values)"
     )
     text = recipe_to_yaml(pinned, header=header)
@@ -81,7 +85,7 @@ def write_recipe_and_card(
         remote_code="auto_map" in config,
         recipe_yaml=text,
     )
-    (work / "README.md").write_text(without_local_paths(card, recipe))
+    (work / "README.md").write_text(without_local_paths(card, recipe, report))
 
 
 def local_source(recipe: Recipe) -> bool:
@@ -102,21 +106,173 @@ def base_model_id(recipe: Recipe, source_config: dict[str, Any]) -> str | None:
     return None if Path(recorded).expanduser().exists() else recorded
 
 
-def without_local_paths(text: str, recipe: Recipe) -> str:
-    """``text`` with the local source and output paths (as typed, expanded and absolute)
-    replaced by their folder names: cards are published, the converting machine's folders
-    are not."""
+def without_local_paths(text: str, recipe: Recipe | None = None, report: Any = None) -> str:
+    """``text`` with every local path (the source and output folders, data files, paths typed
+    in recorded commands; as typed, expanded and absolute) replaced by its last component:
+    cards are published, the converting machine's folders are not (docs/publishing.md)."""
+    paths: set[str] = set()
+    if recipe is not None:
+        paths |= {recipe.output} | ({recipe.model} if local_source(recipe) else set())
+    if report is not None:
+        paths |= local_paths(report)
+    return _replace_paths(text, paths)
+
+
+#: A path boundary: the characters a file or folder name can continue with.
+_NAME_CHAR = r"[\w.~+-]"
+
+
+def _replace_paths(text: str, paths: set[str]) -> str:
     names: dict[str, str] = {}
-    for typed in (recipe.model if local_source(recipe) else None, recipe.output):
-        if not typed:
-            continue
+    for typed in filter(None, paths):
         path = Path(typed).expanduser()
+        name = path.resolve().name or path.name
         for form in {typed, typed.rstrip("/"), str(path), str(path.resolve())}:
-            if "/" in form:  # a bare name is already just a name
-                names[form] = path.resolve().name
+            if "/" in form and form.strip("/"):  # a bare name is already just a name
+                names[form] = name
     for form in sorted(names, key=len, reverse=True):
-        text = text.replace(form, names[form])
+        pattern = rf"(?<!{_NAME_CHAR}){re.escape(form)}/?(?!{_NAME_CHAR})"
+        text = re.sub(pattern, lambda _m, n=names[form]: n, text)
     return text
+
+
+def local_paths(report: Any) -> set[str]:
+    """Every local path a report names: the recipe's source (when local), output, calibration
+    and map files, heal runs' folders, and each path-like word of every recorded command."""
+    found: set[str] = set()
+    recipe = report.get("recipe") or {} if isinstance(report, dict) else {}
+    source = report.get("source") or {} if isinstance(report, dict) else {}
+    for key in ("output", "calibration", "pod_map"):
+        if isinstance(recipe.get(key), str) and _is_local(recipe[key], known=key == "output"):
+            found.add(recipe[key])
+    model = recipe.get("model")
+    if isinstance(model, str) and (source.get("local") or _is_local(model)):
+        found.add(model)
+    for entry in report.get("heal") or [] if isinstance(report, dict) else []:
+        opts = entry.get("options") or {}
+        for key in ("original", "converted", "output"):
+            if isinstance(opts.get(key), str) and _is_local(opts[key], known=key == "output"):
+                found.add(opts[key])
+    for text in _strings(report):
+        for word in _words(text):
+            if _is_local(word):
+                found.add(word)
+    return found
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _words(text: str) -> list[str]:
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        words = text.split()
+    return [w.split("=", 1)[1] if w.startswith("--") and "=" in w else w for w in words]
+
+
+def _is_local(word: str, known: bool = False) -> bool:
+    """Whether ``word`` names a path on this machine rather than a Hub id (``org/name``)."""
+    if not word or word.startswith(("http://", "https://")):
+        return False
+    if known or word.startswith(("/", "~", "./", "../")):
+        return True
+    return "/" in word and Path(word).expanduser().exists()
+
+
+#: Flags of how a run was executed (docs/recipes.md): left out of the command a card shows,
+#: which must reproduce the output anywhere. Flags that take a value, then bare flags.
+RUN_FLAGS_WITH_VALUE = (
+    "--device",
+    "--threads",
+    "--teacher-device",
+    "--save-every",
+    "--push-to-hub",
+    "--hub-revision",
+)
+RUN_FLAGS = (
+    "--resume",
+    "--no-resume",
+    "--dry-run",
+    "--no-dry-run",
+    "--heal-resume",
+    "--no-heal-resume",
+    "--offload-activations",
+    "--no-offload-activations",
+    "--overwrite",
+    "--private",
+    "--quiet",
+    "-q",
+)
+
+
+def reproducible_command(command: str) -> str:
+    """``command`` without its run settings (``--resume``, ``--device``, ``--threads`` ...)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    if not words or Path(words[0]).name not in ("kvconvert", "__main__.py", "kvconvert.cli"):
+        return command
+    out, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in RUN_FLAGS or word.split("=", 1)[0] in RUN_FLAGS_WITH_VALUE:
+            skip = word in RUN_FLAGS_WITH_VALUE  # the value is the next word
+        else:
+            out.append(word)
+    return shlex.join(out)
+
+
+def publishable(folder: Path) -> dict[str, bytes]:
+    """What ``push`` uploads in place of an output's ``README.md``, ``recipe.yaml`` and
+    ``kvconvert.json``: the same files without a local path (docs/publishing.md).
+
+    The recipe names the source by its Hub id where one is known (``base_model``), else by a
+    placeholder with a comment saying what to put there; other paths become their names.
+    """
+    rep_path = folder / "kvconvert.json"
+    report = json.loads(rep_path.read_text())
+    paths = local_paths(report) | {str(folder), str(folder.resolve())}
+    out: dict[str, bytes] = {}
+    recipe_path = folder / "recipe.yaml"
+    if recipe_path.is_file():
+        hub_id = source_card_metadata(folder).get("base_model")  # what the card names
+        text = publishable_recipe(recipe_path.read_text(), report, paths, hub_id)
+        out["recipe.yaml"] = text.encode()
+    clean = json.loads(_replace_paths(json.dumps(report), paths))
+    out["kvconvert.json"] = (json.dumps(clean, indent=2) + "\n").encode()
+    card = folder / "README.md"
+    if card.is_file():
+        out["README.md"] = _replace_paths(card.read_text(), paths).encode()
+    return {name: data for name, data in out.items() if data != (folder / name).read_bytes()}
+
+
+def publishable_recipe(
+    text: str, report: dict[str, Any], paths: set[str], hub_id: str | None
+) -> str:
+    """``recipe.yaml`` as pushed: a local source becomes ``base_model`` (the Hub id the card
+    names) or a placeholder to fill in; the remaining local paths become their names."""
+    model = (report.get("recipe") or {}).get("model")
+    if isinstance(model, str) and model in paths:
+        if isinstance(hub_id, str) and HUB_ID.match(hub_id):
+            line = f"model: {hub_id}  # the Hub id of the local folder converted"
+        else:
+            name = Path(model).name
+            line = (
+                f"model: null  # converted from a local folder ({name}): give the source "
+                "model as MODEL on the command line"
+            )
+        text = re.sub(r"(?m)^model: .*$", lambda _m: line, text, count=1)
+    return _replace_paths(text, paths)
 
 
 def kv_bytes_per_token(kv_heads_per_layer: list[int], head_dim: int, dtype: torch.dtype) -> int:
@@ -168,7 +324,7 @@ def model_card(
         tags=["kvconvert", kind],
         **carried,
     )
-    name = src["model"].rstrip("/").split("/")[-1]
+    name = title_name(src, base_model)
     origin = (
         f"[`{base_model}`](https://huggingface.co/{base_model})"
         if base_model
@@ -196,26 +352,93 @@ def model_card(
         "",
         *_how_to_load(remote_code, deci=tgt.get("format") == "deci"),
         "",
-        "## Reproduce",
-        "",
-        "The command that produced this folder:",
-        "",
-        "```bash",
-        report["command"],
-        "```",
+        *reproduce_lines(report, recipe_yaml),
     ]
+    lines += ["", "Per-layer details (groups, errors, timings) are in `kvconvert.json`.", ""]
+    return "\n".join(lines)
+
+
+def title_name(source: dict[str, Any], base_model: str | None) -> str:
+    """The model's name for a card's title: the Hub id's name where known (a local folder is
+    often called just ``model``), else the source folder's name."""
+    if base_model:
+        return base_model.rstrip("/").split("/")[-1]
+    return str(source["model"]).rstrip("/").split("/")[-1]
+
+
+def reproduce_lines(report: dict[str, Any], recipe_yaml: str | None) -> list[str]:
+    """A card's "Reproduce" section: the commands (without run settings such as --resume)
+    and the recipe, saying which weights the recipe reproduces when the output was healed."""
+    heals = [h for h in report.get("heal") or [] if isinstance(h, dict)]
+    command = reproducible_command(report["command"])
+    healed_by = [reproducible_command(h.get("command") or "") for h in heals]
+    if heals and healed_by == [command]:  # --heal-steps: one command converted and healed
+        lines = [
+            "## Reproduce",
+            "",
+            "The command that produced this folder (it converts, then heals):",
+            "",
+            "```bash",
+            command,
+            "```",
+        ]
+    elif heals:
+        lines = [
+            "## Reproduce",
+            "",
+            "The command that converted (before healing):",
+            "",
+            "```bash",
+            command,
+            "```",
+        ]
+        for heal_command in healed_by:
+            lines += ["", "Then healed with:", "", "```bash", heal_command, "```"]
+    else:
+        lines = [
+            "## Reproduce",
+            "",
+            "The command that produced this folder:",
+            "",
+            "```bash",
+            command,
+            "```",
+        ]
     if recipe_yaml:
+        what = (
+            "the converted weights before healing (then heal them as above)"
+            if heals
+            else "these weights byte for byte"
+        )
         lines += [
             "",
             "The full recipe (`recipe.yaml` in this folder); `kvconvert --recipe recipe.yaml "
-            "-o OUT` reproduces these weights byte for byte from the same source:",
+            f"-o OUT` reproduces {what} from the same source:",
             "",
             "```yaml",
             recipe_yaml.rstrip(),
             "```",
         ]
-    lines += ["", "Per-layer details (groups, errors, timings) are in `kvconvert.json`.", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def refresh_card(folder: Path, report: dict[str, Any]) -> None:
+    """Bring a card's "Reproduce" section up to date with ``report`` (after healing) and take
+    out every local path; the rest of the card is kept as written."""
+    card_path = folder / "README.md"
+    if not card_path.is_file():
+        return
+    card = card_path.read_text()
+    start = card.find("## Reproduce\n")
+    if start >= 0:
+        recipe = folder / "recipe.yaml"
+        text = recipe.read_text() if recipe.is_file() else None
+        section = "\n".join(reproduce_lines(report, text)) + "\n"
+        end = card.find("\n## ", start + 1)
+        tail = card.find("\nPer-layer details", start + 1)
+        cut = min(x for x in (end, tail, len(card)) if x >= 0)
+        card = card[:start] + section + card[cut:]
+    card_path.write_text(without_local_paths(card, report=report))
 
 
 def _heads(value: Any) -> str:
@@ -272,9 +495,10 @@ def fidelity_lines(report: dict[str, Any]) -> list[str]:
     measured = report.get("fidelity") or report.get("evaluation")
     if not isinstance(measured, dict) or not measured:
         return [
-            "No fidelity measurement was recorded with this conversion. Merging KV heads costs "
-            "quality: measure KL and perplexity against the original on your own data before "
-            "deploying (`kvconvert eval ORIGINAL THIS --record` writes them here)."
+            "No fidelity measurement was recorded with this conversion. A smaller KV cache "
+            "changes the model's outputs: measure KL and perplexity against the original on "
+            "your own data before deploying (`kvconvert eval ORIGINAL THIS --record` writes "
+            "them here)."
         ]
     rows = ["| measure | value |", "|---|---|"]
     for key, value in measured.items():
@@ -313,7 +537,7 @@ def record_fidelity(folder: Path, measured: dict[str, Any]) -> None:
         at = card.find("## How to load")
         at = at if at >= 0 else len(card)
         card = card[:at] + section + "\n" + card[at:]
-    card_path.write_text(card)
+    card_path.write_text(without_local_paths(card, report=rep))
 
 
 def tested_versions() -> str:
@@ -359,6 +583,15 @@ def _how_to_load(remote_code: bool, deci: bool = False) -> list[str]:
         "",
         'repo = "this-repo-id-or-folder"',
         f"model = AutoModelForCausalLM.from_pretrained(repo{arg})",
-        "tokenizer = AutoTokenizer.from_pretrained(repo)  # when the source had one",
+        f"tokenizer = AutoTokenizer.from_pretrained(repo{arg})  # when the source had one",
         "```",
+        *TOKENIZER_NOTE * bool(arg),
     ]
+
+
+#: Why the tokenizer line passes trust_remote_code too (docs/serving.md).
+TOKENIZER_NOTE = [
+    "",
+    "The tokenizer is the source's, unchanged; `AutoTokenizer` reads `config.json` first, so "
+    "without `trust_remote_code=True` it asks whether to run this folder's configuration code.",
+]

@@ -106,8 +106,9 @@ def _download(repo_id: str, revision: str | None, trust_remote_code: bool, progr
         ) from e
     except LocalEntryNotFoundError as e:
         raise KVConvertError(
-            f"cannot reach the Hugging Face Hub to fetch {repo_id!r} and it is not in the local "
-            "cache; check the network or HF_HUB_OFFLINE, or pass a local folder"
+            f"there is no folder {repo_id!r} here, and the Hugging Face Hub cannot be reached "
+            "to fetch it as a model id (nor is it in the local cache); check the path, or the "
+            "network and HF_HUB_OFFLINE"
         ) from e
     except (HfHubHTTPError, OSError) as e:
         raise KVConvertError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {e}") from e

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -236,10 +237,12 @@ def check_output(output: Path, overwrite: bool) -> None:
     that is not a kvconvert output."""
     if not output.exists():
         return
+    if not output.is_dir():  # --overwrite would not help: it only replaces kvconvert outputs
+        raise KVConvertError(
+            f"output {output} is a file, not a folder; choose another -o (or remove the file)"
+        )
     if not overwrite:
         raise KVConvertError(f"output {output} already exists; pass --overwrite to replace it")
-    if not output.is_dir():
-        raise KVConvertError(f"output {output} exists and is not a folder")
     here = Path.cwd().resolve()
     if here == output.resolve() or output.resolve() in here.parents:
         raise KVConvertError(
@@ -326,7 +329,12 @@ def atomic_output(output: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def move_into_place(work: Path, output: Path) -> None:
-    """Rename a finished work folder to ``output``, replacing (then deleting) an old one."""
+    """Rename a finished work folder to ``output``, replacing (then deleting) an old one.
+
+    Every file first gets the mode the user's umask gives a new file (0644 usually): some
+    writers (safetensors' atomic save, temporary files) create theirs 0600, which a server
+    running as another user cannot read."""
+    usual_modes(work)
     if output.exists():
         old = output.parent / f".{output.name}.kvconvert-old-{os.getpid()}"
         output.rename(old)
@@ -334,6 +342,18 @@ def move_into_place(work: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         work.rename(output)
+
+
+def usual_modes(folder: Path) -> None:
+    """Give ``folder``'s files and subfolders the modes the umask gives new ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = (0o777 if path.is_dir() else 0o666) & ~umask
+        if stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
 
 
 def os_error_line(e: OSError, output: Path) -> str:

@@ -26,7 +26,7 @@ def test_hub_unreachable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     r = run("someorg/not-cached-model", "--kv-heads", "2", "-o", str(tmp_path / "o"))
-    assert r.exit_code == 1 and "cannot reach the Hugging Face Hub" in r.output
+    assert r.exit_code == 1 and "the Hugging Face Hub cannot be reached" in r.output
 
 
 def test_unsupported_model_type(tmp_path):

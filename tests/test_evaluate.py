@@ -14,12 +14,14 @@ import kvconvert
 from kvconvert.cli import main
 from kvconvert.errors import KVConvertError
 from kvconvert.evaluate import (
+    PASSKEY_FILLER,
     EvalSettings,
     cache_bytes,
     copy_prompt,
     evaluate,
     format_table,
     is_kvconvert_output,
+    passkey_prompt,
     plot_figure,
     write_plot,
 )
@@ -54,6 +56,14 @@ MODEL_KEYS = {
     "conversion",
 }
 RETRIEVAL_KEYS = {"task", "metric", "depths", "trials", "accuracy"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eval_cache(tmp_path_factory):
+    """Evals here keep their cache in a folder of their own, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVCONVERT_CACHE", str(tmp_path_factory.mktemp("eval-cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +217,46 @@ def test_copy_prompt_places_span_at_depth():
     assert len(start) == len(end) == 64
     assert start[1:17] == span and end[-20:-4] == span
     assert start[-4:] == end[-4:] == span[:4]
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one id per space-separated word, so a decoded prompt shows
+    exactly which words the prompt holds."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.words: list[str] = []
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        for w in text.split():
+            if w not in self.ids:
+                self.ids[w] = len(self.words)
+                self.words.append(w)
+        return {"input_ids": [self.ids[w] for w in text.split()]}
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
+
+
+def test_passkey_sentence_is_whole_and_never_right_before_the_question():
+    """At every depth, 1 included, the key sentence is whole and a full filler passage stands
+    between it and the question: right before the question, "N is the pass key." is what a
+    small model continues (SmolLM2-135M answered " the pass key." and found 0/4 keys at depth
+    1, 4/4 elsewhere), so the probe measured nothing there."""
+    tok = WordTokenizer()
+    needle = "The pass key is 12345. Remember it. 12345 is the pass key."
+    question = "What is the pass key? The pass key is"
+    starts = []
+    for depth in (0, 0.25, 0.5, 0.75, 1):
+        ids = passkey_prompt(tok, 400, depth, 12345)
+        assert len(ids) <= 400
+        text = tok.decode(ids)
+        assert text.startswith("There is a pass key hidden") and text.endswith(question)
+        assert text.count(needle) == 1, (depth, text)
+        after = text[text.index(needle) + len(needle) : -len(question)]
+        assert PASSKEY_FILLER.strip() in after, (depth, after)
+        starts.append(text.index(needle))
+    assert starts == sorted(starts) and starts[0] < starts[-1]  # deeper is later
 
 
 def test_remote_code_is_trusted_only_for_kvconvert_outputs(tiny_models, halved, tmp_path):

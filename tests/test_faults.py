@@ -120,7 +120,7 @@ def test_rerun_with_overwrite_discards_saved_progress(tiny_models, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         kvconvert.convert(src, str(out), kv_heads=2, **FAST)
     monkeypatch.setattr(sequential, "save_checkpoint", save)
-    with pytest.raises(KVConvertError, match="add --resume to continue it, or --overwrite"):
+    with pytest.raises(KVConvertError, match="add resume=True to continue it, or overwrite=True"):
         kvconvert.convert(src, str(out), kv_heads=2, **FAST)
     assert (tmp_path / "o.kvconvert-work").is_dir()
     kvconvert.convert(src, str(out), kv_heads=2, overwrite=True, **FAST)

@@ -19,6 +19,7 @@ import kvconvert
 from kvconvert.cli import main
 from kvconvert.errors import KVConvertError
 from kvconvert.hub import push
+from kvconvert.report import publishable
 from tests.conftest import FAST, ROOT
 from tests.hub_standin import HubStandIn
 
@@ -111,7 +112,10 @@ def test_failed_commit_says_how_to_retry(hub, output):
     assert TOKEN not in result.output
     result = CliRunner().invoke(main, ["push", str(output), "bob/x", "--hub-revision", "v1", "-q"])
     assert result.exit_code == 0, result.output
-    assert hub.repos["bob/x"].branches["v1"] == local_files(output)
+    # every file; the card, recipe and report as published (no local paths: test_newcomer.py)
+    published = {**local_files(output), **publishable(output)}
+    assert hub.repos["bob/x"].branches["v1"] == published
+    assert not any(str(output.parent) in v.decode(errors="replace") for v in published.values())
 
 
 def test_convert_with_push_to_hub(hub, tiny_models, tmp_path):
@@ -121,7 +125,10 @@ def test_convert_with_push_to_hub(hub, tiny_models, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "pushed to" in result.output and TOKEN not in result.output
-    assert hub.repos["carol/llama-kv2"].branches["main"] == local_files(out)
+    assert hub.repos["carol/llama-kv2"].branches["main"] == {
+        **local_files(out),
+        **publishable(out),
+    }
     assert "recipe.yaml" in hub.repos["carol/llama-kv2"].branches["main"]
 
 
@@ -169,4 +176,4 @@ def test_cli_push_in_a_subprocess_through_hf_endpoint(hub, output, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"pushed to {hub.url}/dave/tiny/commit/" in proc.stdout
     assert TOKEN not in proc.stdout + proc.stderr
-    assert hub.repos["dave/tiny"].branches["main"] == local_files(output)
+    assert hub.repos["dave/tiny"].branches["main"] == {**local_files(output), **publishable(output)}

@@ -37,8 +37,16 @@ def load_documents(source: str, text_field: str = "text") -> list[str | list[int
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
         if not files:
-            raise KVConvertError(f"calibration folder {source} has no .txt/.jsonl/.json files")
+            raise KVConvertError(
+                f"calibration folder {source} has no .txt/.jsonl/.json/.parquet files"
+            )
     elif path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise KVConvertError(
+                f"data file {source}: {path.suffix or 'no extension'} is not a format kvconvert "
+                "reads (.txt plain text, .jsonl, .json, .parquet); for plain text, rename it "
+                "to .txt"
+            )
         files = [path]
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
         files = _fetch_hub_dataset(source)

@@ -43,7 +43,7 @@ from ..calibration.samples import capture
 from ..calibration.stats import LayerStats, StatsCollector
 from ..compat import cache_kwargs
 from ..distributed import barrier, dist_setup
-from ..errors import KVConvertError
+from ..errors import KeptProgress, KVConvertError
 from ..loading import compute_dtype, load_model, output_dtype, resolve_device
 from ..recipe import Recipe, parse_size
 from ..source import Source
@@ -517,11 +517,9 @@ def run(
             shards = writer.finish()
         except KeyboardInterrupt:
             writer.close()
-            print(
-                f"interrupted; progress kept in {work}: run again with --resume to continue",
-                file=sys.stderr,
-            )
-            raise
+            raise KeptProgress(
+                f"interrupted; progress kept in {work}: run again with --resume to continue"
+            ) from None
         finally:
             writer.close()
         shutil.rmtree(state_dir)

@@ -13,8 +13,9 @@ import math
 import random
 from collections.abc import Callable, Iterator
 
+from .names import GROUPINGS as GROUPINGS  # the names, beside the code they name
+
 Group = tuple[int, ...]
-GROUPINGS = ("adjacent", "search")
 EXHAUSTIVE_LIMIT = 20_000
 
 

@@ -9,8 +9,10 @@ Adam steps on the layer's own relative output error
 
 over the calibration activations x that reach the layer recover much of what the linear
 metric misses (docs/methods.md, "--refine-steps"). Only that layer's attention trains, on
-the activations the conversion already computes, so the cost is about ``steps`` forward and
-backward passes of one attention module over one calibration batch per merged layer.
+the activations the conversion already computes. Each step fits one calibration batch at a
+random sample of query positions (``--refine-rows``; keys and values at every position), so
+a step costs about rows / seq_len of a forward and backward pass of the attention module
+over that batch.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ def role(name: str) -> str | None:
 #: widths and roles (SmolLM2's q_proj RMS 0.25, v_proj 0.12) move by the same relative
 #: amount. Measured on stories260K and SmolLM2 (docs/methods.md, "--refine-steps").
 DEFAULT_LR = 0.02
+
+#: Query positions per sequence that one Adam step fits by default (``--refine-rows``),
+#: drawn at random for each step; their keys and values are every position up to them. On
+#: SmolLM2 (3 -> 1 KV heads) 64 of 256 cut the conversion from 10.4x to 3.2x the time of
+#: ``--refine-steps 0`` for KL 0.673 instead of 0.653 (docs/scale.md, "Refinement's cost").
+STEP_ROWS = 64
+#: Query positions per sequence, fixed for the run, on which the error before and after the
+#: fit is measured (every calibration sequence): the check that keeps the merge as solved
+#: when the fit did not help, and the ``refine_error`` the report gives.
+CHECK_ROWS = 64
 
 
 def _scale(name: str, params: dict[str, torch.nn.Parameter]) -> float:
@@ -96,9 +108,12 @@ def refine(
     steps: int,
     lr: float,
     world: int = 1,
+    rows: int = STEP_ROWS,
 ) -> Refined:
     """Train ``module`` (a merged attention, any dtype) to reproduce ``samples.outputs``.
 
+    Each step fits one calibration batch at ``rows`` random query positions per sequence
+    (0: every position).
     ``lr`` is relative: each tensor's peak Adam step is ``lr`` times its RMS. Float32
     throughout; a cosine decay from the peak to 0; step s uses batch s mod the number
     of batches (under torchrun, wherever it is: the run equals one process's).
@@ -106,11 +121,57 @@ def refine(
     the merge is kept as solved.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        return _refine(module, samples, steps, lr, world)
+        return _refine(module, samples, steps, lr, world, rows)
+
+
+def rows_output(
+    attn: torch.nn.Module, kwargs: dict[str, Any], rows: torch.Tensor, heads_only: bool = False
+) -> torch.Tensor:
+    """``attn``'s output (a KVConvertAttention) at query positions ``rows`` only, each query
+    attending to its own position and the ones before it (within ``attn.sliding_window``):
+    the rows of ``attn(**kwargs)[0]`` for calibration sequences, which have no padding, at
+    ``len(rows) / T`` of the query-side cost. Keys and values are computed for every position
+    (``tests/gqa/test_refine.py`` checks it against the module's own forward)."""
+    x = kwargs["hidden_states"]
+    cos, sin = kwargs["position_embeddings"]
+    b, t, _ = x.shape
+    d, h = attn.head_dim, attn.config.num_attention_heads
+    q = attn.q_proj(x[:, rows]).view(b, len(rows), h, d).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, d).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+    q = q * cos[:, rows].unsqueeze(1) + _rotate_half(q) * sin[:, rows].unsqueeze(1)
+    k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+    g = attn.num_kv_heads
+    if attn.projected:  # --rope-keys project: the rotated keys and queries projected per head
+        k = k.view(b, g, -1, t, d).transpose(2, 3).reshape(b, g, t, -1)
+        k = torch.einsum("bgsx,gex->bgse", k, attn.key_down)
+        q = torch.einsum("bhsd,hed->bhse", q, attn.query_down)
+    q = q.reshape(b, g, h // g * len(rows), k.shape[-1])  # the query heads of each KV head
+    pos = torch.arange(t, device=x.device)
+    allowed = pos[None, :] <= rows[:, None]
+    if attn.sliding_window is not None:
+        allowed &= pos[None, :] > rows[:, None] - attn.sliding_window
+    mask = allowed.repeat(h // g, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=attn.scaling
+    )
+    out = out.reshape(b, h, len(rows), d).transpose(1, 2).reshape(b, len(rows), h * d)
+    return out if heads_only else attn.o_proj(out)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's pairing of the first and second half of each head (as the Llama code does)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
 
 
 def _refine(
-    module: torch.nn.Module, samples: AttentionSamples, steps: int, lr: float, world: int
+    module: torch.nn.Module,
+    samples: AttentionSamples,
+    steps: int,
+    lr: float,
+    world: int,
+    step_rows: int,
 ) -> Refined:
     device = next(module.parameters()).device
     _trainable_copy(module)
@@ -120,19 +181,24 @@ def _refine(
     for p in params.values():
         p.requires_grad_(True)
     # the samples stay where the engine keeps them (--offload-activations: the CPU); each
-    # step moves its batch to the module's device
+    # step moves the part it reads to the module's device
     batches = [{k: _fresh(v) for k, v in kw.items()} for kw in samples.kwargs]
     targets = [_fresh(y) for y in samples.outputs]
+    seq_len = targets[0].shape[1] if targets else 1  # a rank may hold no batch (torchrun)
+    gen = torch.Generator().manual_seed(0)  # the same draws on every run and rank
+    check = _draw_rows(gen, seq_len, CHECK_ROWS).to(device)
 
-    def loss(j: int) -> torch.Tensor:
-        out = work(**{k: _on(v, device) for k, v in batches[j].items()})
-        out = out[0] if isinstance(out, tuple) else out
-        y = targets[j].to(device)
+    def loss(j: int, rows: torch.Tensor) -> torch.Tensor:
+        kw = {k: _on(v, device) for k, v in batches[j].items()}
+        out = rows_output(work, kw, rows)
+        y = targets[j].to(device)[:, rows]
         return (out - y).square().sum() / y.square().sum().clamp_min(1e-30)
 
     def mean_loss() -> float:
         with torch.no_grad():
-            total = sum((loss(j) for j in range(len(targets))), torch.zeros((), device=device))
+            total = sum(
+                (loss(j, check) for j in range(len(targets))), torch.zeros((), device=device)
+            )
         both = sum_over_ranks(
             torch.stack([total, torch.tensor(float(len(targets)), device=device)]), world
         )
@@ -153,8 +219,9 @@ def _refine(
             g["lr"] = peak * 0.5 * (1 + math.cos(math.pi * s / steps))
         opt.zero_grad(set_to_none=False)
         owner, local = (s % total) % world, (s % total) // world
+        rows = _draw_rows(gen, seq_len, step_rows or seq_len).to(device)  # alike on all ranks
         if owner == rank:
-            loss(local).backward()
+            loss(local, rows).backward()
         if world > 1:
             for p in params.values():
                 p.grad = sum_over_ranks(
@@ -170,3 +237,10 @@ def _refine(
     for p in params.values():
         p.requires_grad_(False)
     return Refined({role(n): p.detach() for n, p in params.items()}, before, after)
+
+
+def _draw_rows(gen: torch.Generator, seq_len: int, n: int) -> torch.Tensor:
+    """``n`` distinct query positions of ``seq_len`` (all of them when ``n >= seq_len``)."""
+    if n >= seq_len:
+        return torch.arange(seq_len)
+    return torch.randperm(seq_len, generator=gen)[:n].sort().values

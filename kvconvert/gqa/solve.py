@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("mean", "svd-weights", "svd")
+from .names import METHODS as METHODS  # the names, beside the code they name
 
 
 @dataclass

@@ -299,7 +299,8 @@ class GQATarget(Target):
         impl = getattr(getattr(original, "config", None), "_attn_implementation", None)
         module = self.merged_module(layer, res, impl, device, dtype)
         lr = self.recipe.refine_lr or refine_mod.DEFAULT_LR
-        return refine_mod.refine(module, samples, self.refine_steps(), lr, world)
+        rows = self.recipe.refine_rows
+        return refine_mod.refine(module, samples, self.refine_steps(), lr, world, rows)
 
     @staticmethod
     def apply_refined(res: LayerResult, refined: refine_mod.Refined) -> None:

@@ -7,8 +7,23 @@ conversion and this run, with ``heal_options_from``. The method is in docs/heal.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .options import HealOptions, heal_options_from
-from .run import HealRun, heal, state_folder
+
+if TYPE_CHECKING:
+    from .run import HealRun, heal, state_folder
+
+
+def __getattr__(name: str) -> Any:
+    """``run.py`` (torch) is imported on first use, so that the CLI reads HealOptions for its
+    flags without importing torch (``kvconvert --help`` answers at once)."""
+    if name in ("HealRun", "heal", "state_folder"):
+        from . import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "HealOptions",

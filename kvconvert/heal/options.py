@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import KVConvertError
-from ..recipe import DEVICES, Recipe, option
+from ..recipe import DEVICES, Recipe, check_choices_and_threads, option
 
 TRAIN = ("attention", "all")
 OPTIMIZERS = ("adamw", "sgd")
@@ -137,14 +137,7 @@ class HealOptions:
         """Check every field; raise KVConvertError naming the bad option."""
         if not self.original or not self.converted or not self.output:
             raise KVConvertError("original, converted and output are required")
-        for f in fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                raise KVConvertError(
-                    f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(allowed)}"
-                )
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise KVConvertError(f"threads: must be a positive integer, got {self.threads!r}")
+        check_choices_and_threads(self)
         for key in ("steps", "batch_size", "grad_accum", "num_samples"):
             v = getattr(self, key)
             if v is None and key == "batch_size":

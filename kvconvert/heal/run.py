@@ -48,7 +48,7 @@ from ..calibration.data import (
     vocab_size,
 )
 from ..distributed import barrier, broadcast_tokens, dist_setup, local_device, mean_over_ranks
-from ..errors import KVConvertError
+from ..errors import KeptProgress, KVConvertError
 from ..eta import Estimate
 from ..evaluate import kl_per_token
 from ..loading import (
@@ -334,12 +334,10 @@ class HealRun:
                 torch.save({"key": key, "tokens": done}, path.with_suffix(".tmp"))
                 os.replace(path.with_suffix(".tmp"), path)
                 have = sum(t.shape[0] for t in done)
-                print(
+                raise KeptProgress(
                     f"interrupted while sampling; {have} of {n} sequences kept in "
-                    f"{path.parent}: rerun with --resume to continue",
-                    file=sys.stderr,
-                )
-                raise
+                    f"{path.parent}: rerun with --resume to continue"
+                ) from None
         path.unlink(missing_ok=True)
         return torch.cat(done)
 
@@ -439,12 +437,10 @@ class HealRun:
             if self.rank != 0:
                 raise
             self.save_state()
-            print(
-                f"\nkvconvert heal: interrupted at step {self.step}/{o.steps}; state saved in "
-                f"{state_folder(self.output)} (rerun with --resume to continue)",
-                file=sys.stderr,
-            )
-            raise
+            raise KeptProgress(
+                f"kvconvert heal: interrupted at step {self.step}/{o.steps}; state saved in "
+                f"{state_folder(self.output)} (rerun with --resume to continue)"
+            ) from None
         finally:
             bar.close()
             self.student.eval()
@@ -590,6 +586,7 @@ class HealRun:
                         "tokens": f"{self.eval_tokens.shape[0]} x {self.opts.seq_len}",
                     },
                 )
+            report_mod.refresh_card(work, json.loads((work / "kvconvert.json").read_text()))
         shutil.rmtree(state_folder(self.output), ignore_errors=True)
         return self.output
 
@@ -740,7 +737,7 @@ def card_section(entry: dict[str, Any]) -> str:
         "## Healing\n\n"
         f"Distilled from the original for {entry['steps']} steps ({entry['trained']['mode']}, "
         f"training text `{entry['data']['source']}`, {entry['data']['tokens_seen']} tokens)."
-        f"{kl}{kept}\n\n```\n{entry['command']}\n```\n"
+        f"{kl}{kept}\n\n```\n{report_mod.reproducible_command(entry['command'])}\n```\n"
     )
 
 

@@ -27,7 +27,7 @@ def pod_model_card(
         tags=["kvconvert", "pod"],
         **carried,
     )
-    name = src["model"].rstrip("/").split("/")[-1]
+    name = report_mod.title_name(src, base_model)
     lines = [
         "---",
         data.to_yaml(),
@@ -38,7 +38,7 @@ def pod_model_card(
         f"Converted from `{src['model']}` by kvconvert {report['versions'].get('kvconvert', '')}"
         ": upper layers of each block attend to distant tokens with the block bottom's keys "
         f"(proximal tokens: the first {tgt['sink']} and the last {tgt['recent']} before each "
-        "query keep their own keys). Weights are unchanged; no adaptation training was done.",
+        "query keep their own keys). The conversion itself changes no weight.",
         "",
         *(
             [
@@ -65,27 +65,17 @@ def pod_model_card(
         report_mod.tested_versions(),
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("path/or/repo", trust_remote_code=True)',
-        "```",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        "## Reproduce",
+        'repo = "this-repo-id-or-folder"',
+        "model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)",
+        "```",
+        *report_mod.TOKENIZER_NOTE,
         "",
-        "```",
-        report["command"],
-        "```",
+        *report_mod.reproduce_lines(report, recipe_yaml),
         "",
     ]
-    if recipe_yaml:
-        lines += [
-            "The full recipe (`recipe.yaml` in this folder; `kvconvert --recipe recipe.yaml -o "
-            "OUT` reproduces this output from the same source):",
-            "",
-            "```yaml",
-            recipe_yaml.rstrip(),
-            "```",
-            "",
-        ]
     return "\n".join(lines)
 
 

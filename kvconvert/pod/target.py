@@ -324,4 +324,4 @@ class PodTarget(Target):
             report_mod.source_card_metadata(src.folder),
             text,
         )
-        (work / "README.md").write_text(report_mod.without_local_paths(card, recipe))
+        (work / "README.md").write_text(report_mod.without_local_paths(card, recipe, rep))

@@ -74,7 +74,7 @@ def test_calibrated_map_and_gqa_pod_refused(remote_arch_models, tmp_path):
     check_real_map(src, out, rep["target"]["pod_map"])
     for arch in POD_MHA_ARCHS:
         dst = tmp_path / f"{arch}-gqa-pod"
-        with pytest.raises(KVConvertError, match=r"--target gqa,pod is not available.*gqa, pod\)"):
+        with pytest.raises(KVConvertError, match=r"target='gqa,pod' is not available.*gqa, pod\)"):
             kvconvert.convert(
                 str(remote_arch_models[arch]), str(dst), target="gqa,pod", kv_heads=2, **POD
             )

@@ -86,15 +86,69 @@ def test_refining_an_architecture_without_in_process_attention_is_refused(tmp_pa
     from tests.models import build
 
     src = build("gpt2", tmp_path / "gpt2")
-    with pytest.raises(KVConvertError, match="--refine-steps is not available for 'gpt2'"):
+    with pytest.raises(KVConvertError, match="refine_steps is not available for 'gpt2'"):
         kvconvert.convert(str(src), str(tmp_path / "o"), kv_heads=1, refine_steps=5, **CALIB)
     assert not (tmp_path / "o").exists()
     out = kvconvert.convert(str(src), str(tmp_path / "d"), kv_heads=1, **CALIB)  # default: off
     assert "refine_error" not in json.loads((out / "kvconvert.json").read_text())["layers"][0]
 
 
-@pytest.mark.parametrize("bad", [{"refine_steps": -1}, {"refine_lr": 0.0}])
+@pytest.mark.parametrize("bad", [{"refine_steps": -1}, {"refine_lr": 0.0}, {"refine_rows": -1}])
 def test_bad_refine_options_are_named(tiny_models, tmp_path, bad):
     key = next(iter(bad))
     with pytest.raises(KVConvertError, match=key):
         kvconvert.convert(str(tiny_models["llama"]), str(tmp_path / "o"), kv_heads=1, **bad)
+
+
+@pytest.mark.parametrize(
+    "case", ["llama", "mistral-sliding", "qwen2-bias", "projected", "sliding-4"]
+)
+def test_rows_output_equals_the_modules_forward_at_those_rows(case):
+    """The fit's cheap forward (queries at a few positions, keys at all) is the module's
+    own forward, row for row, with the engines' causal (or sliding) mask."""
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from kvconvert.compat import cache_kwargs
+    from kvconvert.gqa.refine import rows_output
+    from kvconvert.modeling.export import attention_module
+
+    torch.manual_seed(0)
+    window = {"mistral-sliding": 5, "sliding-4": 4}.get(case)
+    h, g, d, hid, t = 4, 2, 8, 32, 12
+    cfg = {
+        "model_type": "kvconvert",
+        "hidden_size": hid,
+        "num_attention_heads": h,
+        "num_key_value_heads": [g],
+        "key_projection_heads": [4 if case == "projected" else 0],
+        "num_hidden_layers": 1,
+        "intermediate_size": 64,
+        "head_dim": d,
+        "vocab_size": 10,
+        "q_bias": case == "qwen2-bias",
+        "k_bias": case == "qwen2-bias",
+        "v_bias": case == "qwen2-bias",
+        "o_bias": False,
+        "sliding_window": window,
+        "layer_types": ["sliding_attention" if window else "full_attention"],
+    }
+    attn = attention_module(cfg, 0, {}, "sdpa")
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(3, t, hid)
+    pos = torch.arange(t).unsqueeze(0)
+    rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=hid, num_attention_heads=h, head_dim=d))
+    cos, sin = rope(x, pos)
+    llama = LlamaConfig(hidden_size=hid, num_attention_heads=h, sliding_window=window)
+    llama._attn_implementation = "sdpa"
+    make = create_sliding_window_causal_mask if window else create_causal_mask
+    mask = make(config=llama, inputs_embeds=x, attention_mask=None, position_ids=pos,
+                **cache_kwargs(None))  # fmt: skip
+    full = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=mask)[0]
+    rows = torch.tensor([0, 3, 4, 10, 11])
+    kw = {"hidden_states": x, "position_embeddings": (cos, sin), "attention_mask": mask}
+    got = rows_output(attn, kw, rows)
+    torch.testing.assert_close(got, full[:, rows], atol=1e-5, rtol=1e-5)

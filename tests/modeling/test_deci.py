@@ -131,16 +131,16 @@ def test_format_deci_refused_before_loading(tiny_models, tmp_path, monkeypatch):
         "llama": ({"kv_budget": 0.5}, "the MLP width 128 is not a multiple of 256"),
     }
     for family, (opts, why) in cases.items():
-        with pytest.raises(KVConvertError, match=f"--format deci: .*{why}"):
+        with pytest.raises(KVConvertError, match=f"format='deci': .*{why}"):
             kvconvert.convert(
                 str(tiny_models[family]), str(tmp_path / family), format="deci", **opts, **FAST
             )
         assert not (tmp_path / family).exists()
-    with pytest.raises(KVConvertError, match="--format deci is for per-layer KV heads"):
+    with pytest.raises(KVConvertError, match="format='deci' is for per-layer KV heads"):
         kvconvert.convert(
             str(tiny_models["llama"]), str(tmp_path / "u"), kv_heads=2, format="deci", **FAST
         )
-    with pytest.raises(KVConvertError, match="--format applies to --target gqa"):
+    with pytest.raises(KVConvertError, match="format applies to target='gqa'"):
         kvconvert.convert(
             str(tiny_models["llama"]), str(tmp_path / "p"), target="pod", format="deci", **FAST
         )

@@ -71,7 +71,7 @@ def test_cli_with_map_file(tiny_models, tmp_path):
     ("opts", "message"),
     [
         ({"kv_saving": 0.6}, "kv_saving: must lie in"),
-        ({"kv_heads": 2}, "--kv-heads belongs to --target gqa"),
+        ({"kv_heads": 2}, "kv_heads belongs to target='gqa'"),
         ({"recent": 40}, "no distant tokens"),
         ({"kv_saving": 0.45}, "cannot be reached"),
     ],
@@ -118,7 +118,7 @@ def test_calibration_too_short_refused_before_loading(tiny_models, tmp_path, mon
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
     for target, extra in (("pod", {}), ("gqa,pod", {"kv_heads": 2})):
         with pytest.raises(
-            kvconvert.KVConvertError, match="use --seq-len above 4097 or a smaller --recent"
+            kvconvert.KVConvertError, match="use seq_len above 4097 or a smaller recent"
         ):
             kvconvert.convert(
                 str(tiny_models["llama"]), str(tmp_path / "o"), target=target, recent=4080, **extra

@@ -202,7 +202,7 @@ def test_heal_seq_len_without_distant_tokens_is_refused_before_converting(deep_l
 
 def test_cost_needs_a_saving_target(deep_llama, tmp_path):
     with pytest.raises(
-        KVConvertError, match="map_by: cost chooses the map that reaches a --kv-saving"
+        KVConvertError, match="map_by: cost chooses the map that reaches a kv_saving"
     ):
         kvconvert.convert(
             deep_llama, str(tmp_path / "o"), target="pod", map_by="cost", progress=False
