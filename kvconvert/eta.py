@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from tqdm.auto import tqdm
+
 #: Steps projected to take less than this are not announced.
 MIN_SECONDS = 20.0
 
@@ -63,6 +65,24 @@ class Estimate:
             print(
                 f"{self.what}: about {duration(projected)} in all ({self.done} of {self.total} "
                 f"{self.unit} took {elapsed:.1f} s)",
-                file=self.stream or sys.stderr,
+                file=self.stream or AboveBars(),  # never glued to a live bar
                 flush=True,
             )
+
+
+class AboveBars:
+    """A text stream for an estimate's line: written above the live bars (``tqdm.write``), so
+    the line is not glued to the end of a bar."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            tqdm.write(line, file=sys.stderr)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

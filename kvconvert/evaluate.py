@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .compat import cache_bytes, cache_kwargs, output_cache
 from .errors import KVConvertError
-from .eta import Estimate
+from .eta import AboveBars, Estimate
 from .evalcache import EvalCache, cache_dir, content_digest, files_fingerprint
 from .evalsettings import EvalSettings as EvalSettings  # the options, torch-free for the CLI
 from .promise import BYTES_TOLERANCE, expected_bytes
@@ -412,24 +412,6 @@ def _max_positions(model: torch.nn.Module) -> int | None:
 
 
 # --- progress: one bar and one estimate per phase ---------------------------------------------
-class _AboveBars:
-    """A text stream for an estimate's line: written above the live bars (``tqdm.write``), so
-    the line is not glued to the end of a bar."""
-
-    def __init__(self) -> None:
-        self.pending = ""
-
-    def write(self, text: str) -> int:
-        self.pending += text
-        while "\n" in self.pending:
-            line, self.pending = self.pending.split("\n", 1)
-            tqdm.write(line, file=sys.stderr)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
 class Phase:
     """One phase of an eval: a bar on stderr, and once its first ``after`` units are done, one
     line saying what the whole phase will take (``kvconvert.eta``, when 20 s or more: a log
@@ -437,7 +419,7 @@ class Phase:
 
     def __init__(self, desc: str, total: int, unit: str, progress: bool, after: int = 1):
         self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress)
-        self.eta = Estimate(desc, total, unit, after=after, enabled=progress, stream=_AboveBars())
+        self.eta = Estimate(desc, total, unit, after=after, enabled=progress, stream=AboveBars())
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)

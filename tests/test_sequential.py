@@ -4,6 +4,7 @@ guarded (NaN, disk), --dry-run, and torch.distributed (two gloo ranks on CPU).""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -117,8 +118,23 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_models, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2 layers" in text and "4 -> 2 KV heads" in text and "[[0, 1], [2, 3]]" in text
     assert "1024 -> 512 bytes per token" in text  # 2 layers x (k, v) x 4 heads x 16 x fp32
-    assert "50 Adam steps per merged layer" in text  # --refine-steps' default here
+    assert "50 Adam steps per merged layer at 32 of 32 query positions" in text  # defaults
+    share = int(re.search(r"about (\d+)% of the conversion's arithmetic", text).group(1))
+    assert 50 < share < 100  # the fit dominates on a tiny model
     assert not any(tmp_path.iterdir())
+
+
+def test_refinement_share_follows_its_settings():
+    """--dry-run's share: none without steps or merged layers, less with fewer query rows."""
+    from kvconvert.gqa.refine import arithmetic_share
+
+    cfg = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "intermediate_size": 1536}  # fmt: skip
+    share = [arithmetic_share(cfg, [1] * 30, 8192, 256, 8, 50, r) for r in (0, 64, 16)]
+    assert share[0] > share[1] > share[2] > 0  # SmolLM2 measured: 90% at 0, 67% at 64
+    assert round(share[1], 2) == 0.75 and round(share[0], 2) == 0.90
+    assert arithmetic_share(cfg, [1] * 30, 8192, 256, 8, 0, 64) == 0.0
+    assert arithmetic_share(cfg, [3] * 30, 8192, 256, 8, 50, 64) == 0.0  # nothing merged
 
 
 def test_disk_space_checked_before_writing(tiny_models, tmp_path, monkeypatch):

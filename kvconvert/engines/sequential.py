@@ -44,6 +44,7 @@ from ..calibration.stats import LayerStats, StatsCollector
 from ..compat import cache_kwargs
 from ..distributed import barrier, dist_setup
 from ..errors import KeptProgress, KVConvertError
+from ..eta import Estimate
 from ..loading import compute_dtype, load_model, output_dtype, resolve_device
 from ..recipe import Recipe, parse_size
 from ..source import Source
@@ -592,6 +593,9 @@ def _layers(
         unit="layer",
         disable=not progress,
     )
+    # one line with the whole run's time once two layers are done (refinement included)
+    eta = Estimate("converting layers", src.num_layers - start, "layers", after=2,
+                   enabled=progress and tokens is not None)  # fmt: skip
     for i in range(start, src.num_layers):
         stats = None
         nxt: list[torch.Tensor] | None = None
@@ -646,4 +650,5 @@ def _layers(
         del solved, res
         release_memory()
         bar.update(1)
+        eta.update(1)
     bar.close()

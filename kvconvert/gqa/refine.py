@@ -239,6 +239,49 @@ def _refine(
     return Refined({role(n): p.detach() for n, p in params.items()}, before, after)
 
 
+def arithmetic_share(
+    config: dict[str, Any],
+    kv_heads: list[int],
+    tokens: int,
+    seq_len: int,
+    batch_size: int,
+    steps: int,
+    rows: int,
+) -> float:
+    """The refinement's share of a conversion's arithmetic (multiply-adds), for --dry-run.
+
+    A layer's calibration forward: its projections and MLP over every token, plus causal
+    attention. A refinement step (forward and backward: 3 forwards' worth) over one batch:
+    q/o and the attention at ``rows`` query positions per sequence, k/v at every position;
+    plus the before/after check at CHECK_ROWS positions of every sequence. On SmolLM2 this
+    says 75% where 67% of the wall time was measured, on the 1.55B layer shapes 90% for 85%
+    (docs/scale.md, "Refinement's cost"); per-step overhead is not counted.
+    """
+    hid = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    d = int(config.get("head_dim") or hid // heads)
+    kv = int(config.get("num_key_value_heads") or heads)
+    inter = int(config.get("intermediate_size") or 4 * hid)
+    qo, t = 2 * hid * heads * d, seq_len
+    r = min(rows or t, t)
+    forward = sum(
+        2 * tokens * (qo + 2 * hid * kv * d + 3 * hid * inter) + 2 * tokens * t * heads * d
+        for _ in kv_heads
+    )
+    refine = 0.0
+    for g in kv_heads:
+        if g >= kv or steps == 0:
+            continue  # an unmerged layer is not refined
+        kvp = 2 * hid * g * d
+
+        def passes(seqs: int, q_rows: int, kvp: int = kvp) -> float:
+            return 2 * seqs * (q_rows * qo + t * kvp + q_rows * t * heads * d)
+
+        refine += steps * 3 * passes(batch_size, r)
+        refine += 2 * passes(tokens // t, min(CHECK_ROWS, t))
+    return refine / (forward + refine) if refine else 0.0
+
+
 def _draw_rows(gen: torch.Generator, seq_len: int, n: int) -> torch.Tensor:
     """``n`` distinct query positions of ``seq_len`` (all of them when ``n >= seq_len``)."""
     if n >= seq_len:

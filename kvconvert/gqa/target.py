@@ -471,10 +471,24 @@ class GQATarget(Target):
             f"groups       {groups}",
             f"KV cache     {before} -> {after} bytes per token "
             f"({str(final).removeprefix('torch.')})",
-            f"refine       {self.refine_steps()} Adam steps per merged layer"
-            if self.refine_steps()
-            else "refine       off",
+            self.refine_line(),
         ]
+
+    def refine_line(self) -> str:
+        """--dry-run's line on --refine-steps: what it does and its share of the work."""
+        r, steps = self.recipe, self.refine_steps()
+        if not steps:
+            return "refine       off"
+        rows = min(r.refine_rows or r.seq_len, r.seq_len)
+        share = refine_mod.arithmetic_share(
+            self.src.config, self.counts, r.num_samples * r.seq_len, r.seq_len, r.batch_size,
+            steps, r.refine_rows,
+        )  # fmt: skip
+        return (
+            f"refine       {steps} Adam steps per merged layer at {rows} of {r.seq_len} query "
+            f"positions: about {share:.0%} of the conversion's arithmetic (--refine-rows, "
+            "--refine-steps 0 to skip; docs/scale.md)"
+        )
 
     def finish(
         self,
