@@ -47,7 +47,7 @@ DEFAULT_LR = 0.02
 
 #: Query positions per sequence that one Adam step fits by default (``--refine-rows``),
 #: drawn at random for each step; their keys and values are every position up to them. On
-#: SmolLM2 (3 -> 1 KV heads) 64 of 256 cut the conversion from 10.4x to 3.2x the time of
+#: SmolLM2 (3 -> 1 KV heads) 64 of 256 cut the conversion from 10.4x to 3.0x the time of
 #: ``--refine-steps 0`` for KL 0.673 instead of 0.653 (docs/scale.md, "Refinement's cost").
 STEP_ROWS = 64
 #: Query positions per sequence, fixed for the run, on which the error before and after the
