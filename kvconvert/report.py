@@ -405,11 +405,12 @@ def reproduce_lines(report: dict[str, Any], recipe_yaml: str | None) -> list[str
             "```",
         ]
     if recipe_yaml:
-        what = (
-            "the converted weights before healing (then heal them as above)"
-            if heals
-            else "these weights byte for byte"
-        )
+        if heals and healed_by == [command]:
+            what = "the converted weights before healing (heal_steps 0; the command above heals)"
+        elif heals:
+            what = "the converted weights before healing (then heal them as above)"
+        else:
+            what = "these weights byte for byte"
         lines += [
             "",
             "The full recipe (`recipe.yaml` in this folder); `kvconvert --recipe recipe.yaml "
