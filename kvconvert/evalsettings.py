@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import KVConvertError
-from .recipe import DEVICES, DTYPES, check_choices_and_threads, option
+from .recipe import DEVICES, DTYPES, check_choices_and_threads, option, threads_option
 
 
 @dataclass
@@ -53,12 +53,7 @@ class EvalSettings:
     )
     device: str = option("auto", "Where models run (auto: CUDA if available).", DEVICES)
     dtype: str = option("auto", "Dtype models are loaded in (auto: the checkpoint's).", DTYPES)
-    threads: int | None = option(
-        None,
-        "CPU threads torch uses (default: torch's choice, one per core). On a shared or busy "
-        "machine fewer threads can be much faster; OMP_NUM_THREADS is honoured too.",
-        type=int,
-    )
+    threads: int | None = threads_option()
     trust_remote_code: bool = option(
         False,
         "Allow models' own code to run. kvconvert outputs (kvconvert.json + auto_map) are "

@@ -47,6 +47,16 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None, **ex
     return field(default=default, metadata={"help": help, "choices": choices, **extra})
 
 
+def threads_option() -> Any:
+    """The ``--threads`` field every command's options share (convert, heal, eval)."""
+    return option(
+        None,
+        "CPU threads torch uses (default: torch's choice, one per core). On a shared or busy "
+        "machine fewer threads can be much faster; OMP_NUM_THREADS is honoured too.",
+        type=int,
+    )
+
+
 @dataclass
 class Recipe:
     """All options of a conversion; each field's metadata is its CLI flag's help."""
@@ -202,12 +212,7 @@ class Recipe:
         "auto", "Where calibration and solving run (auto: CUDA if available).", DEVICES
     )
     dtype: str = option("auto", "Output dtype (auto: keep the source's).", DTYPES)
-    threads: int | None = option(
-        None,
-        "CPU threads torch uses (default: torch's choice, one per core). On a shared or busy "
-        "machine fewer threads can be much faster; OMP_NUM_THREADS is honoured too.",
-        type=int,
-    )
+    threads: int | None = threads_option()
     max_shard_size: str = option("5GB", "Largest output shard, e.g. 5GB or 500MB.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
     base_model: str | None = option(

@@ -106,7 +106,9 @@ def base_model_id(recipe: Recipe, source_config: dict[str, Any]) -> str | None:
     return None if Path(recorded).expanduser().exists() else recorded
 
 
-def without_local_paths(text: str, recipe: Recipe | None = None, report: Any = None) -> str:
+def without_local_paths(
+    text: str, recipe: Recipe | None = None, report: dict[str, Any] | None = None
+) -> str:
     """``text`` with every local path (the source and output folders, data files, paths typed
     in recorded commands; as typed, expanded and absolute) replaced by its last component:
     cards are published, the converting machine's folders are not (docs/publishing.md)."""
@@ -136,19 +138,18 @@ def _replace_paths(text: str, paths: set[str]) -> str:
     return text
 
 
-def local_paths(report: Any) -> set[str]:
+def local_paths(report: dict[str, Any]) -> set[str]:
     """Every local path a report names: the recipe's source (when local), output, calibration
     and map files, heal runs' folders, and each path-like word of every recorded command."""
     found: set[str] = set()
-    recipe = report.get("recipe") or {} if isinstance(report, dict) else {}
-    source = report.get("source") or {} if isinstance(report, dict) else {}
+    recipe, source = report.get("recipe") or {}, report.get("source") or {}
     for key in ("output", "calibration", "pod_map"):
         if isinstance(recipe.get(key), str) and _is_local(recipe[key], known=key == "output"):
             found.add(recipe[key])
     model = recipe.get("model")
     if isinstance(model, str) and (source.get("local") or _is_local(model)):
         found.add(model)
-    for entry in report.get("heal") or [] if isinstance(report, dict) else []:
+    for entry in report.get("heal") or []:
         opts = entry.get("options") or {}
         for key in ("original", "converted", "output"):
             if isinstance(opts.get(key), str) and _is_local(opts[key], known=key == "output"):
@@ -187,30 +188,24 @@ def _is_local(word: str, known: bool = False) -> bool:
     return "/" in word and Path(word).expanduser().exists()
 
 
-#: Flags of how a run was executed (docs/recipes.md): left out of the command a card shows,
-#: which must reproduce the output anywhere. Flags that take a value, then bare flags.
-RUN_FLAGS_WITH_VALUE = (
-    "--device",
-    "--threads",
-    "--teacher-device",
-    "--save-every",
-    "--push-to-hub",
-    "--hub-revision",
-)
-RUN_FLAGS = (
-    "--resume",
-    "--no-resume",
-    "--dry-run",
-    "--no-dry-run",
-    "--heal-resume",
-    "--no-heal-resume",
-    "--offload-activations",
-    "--no-offload-activations",
-    "--overwrite",
-    "--private",
-    "--quiet",
-    "-q",
-)
+#: Flags of how a run is executed besides the Recipe's RUN_SETTINGS (docs/recipes.md): heal's
+#: and the CLI's own. Left out, with those, of the command a card shows, which must reproduce
+#: the output anywhere. Flags that take a value, then bare flags.
+OTHER_RUN_FLAGS_WITH_VALUE = ("--teacher-device", "--save-every", "--push-to-hub", "--hub-revision")
+OTHER_RUN_FLAGS = ("--overwrite", "--private", "--quiet", "-q")
+
+
+def run_flags() -> tuple[set[str], set[str]]:
+    """(flags that take a value, bare flags) that say how a run is executed: the Recipe's
+    RUN_SETTINGS as the CLI spells them (a boolean also as --no-...), and the others above."""
+    valued, bare = set(OTHER_RUN_FLAGS_WITH_VALUE), set(OTHER_RUN_FLAGS)
+    for name in RUN_SETTINGS:
+        flag = "--" + name.replace("_", "-")
+        if Recipe.__dataclass_fields__[name].default is False:
+            bare |= {flag, "--no-" + flag[2:]}
+        else:
+            valued.add(flag)
+    return valued, bare
 
 
 def reproducible_command(command: str) -> str:
@@ -221,12 +216,13 @@ def reproducible_command(command: str) -> str:
         return command
     if not words or Path(words[0]).name not in ("kvconvert", "__main__.py", "kvconvert.cli"):
         return command
+    valued, bare = run_flags()
     out, skip = [], False
     for word in words:
         if skip:
             skip = False
-        elif word in RUN_FLAGS or word.split("=", 1)[0] in RUN_FLAGS_WITH_VALUE:
-            skip = word in RUN_FLAGS_WITH_VALUE  # the value is the next word
+        elif word in bare or word.split("=", 1)[0] in valued:
+            skip = word in valued  # the value is the next word
         else:
             out.append(word)
     return shlex.join(out)
@@ -372,45 +368,23 @@ def reproduce_lines(report: dict[str, Any], recipe_yaml: str | None) -> list[str
     heals = [h for h in report.get("heal") or [] if isinstance(h, dict)]
     command = reproducible_command(report["command"])
     healed_by = [reproducible_command(h.get("command") or "") for h in heals]
-    if heals and healed_by == [command]:  # --heal-steps: one command converted and healed
-        lines = [
-            "## Reproduce",
-            "",
+    one_run = bool(heals) and healed_by == [command]  # --heal-steps: converted and healed
+    if one_run:
+        intro, what = (
             "The command that produced this folder (it converts, then heals):",
-            "",
-            "```bash",
-            command,
-            "```",
-        ]
+            "the converted weights before healing (heal_steps 0; the command above heals)",
+        )
     elif heals:
-        lines = [
-            "## Reproduce",
-            "",
+        intro, what = (
             "The command that converted (before healing):",
-            "",
-            "```bash",
-            command,
-            "```",
-        ]
-        for heal_command in healed_by:
-            lines += ["", "Then healed with:", "", "```bash", heal_command, "```"]
+            "the converted weights before healing (then heal them as above)",
+        )
     else:
-        lines = [
-            "## Reproduce",
-            "",
-            "The command that produced this folder:",
-            "",
-            "```bash",
-            command,
-            "```",
-        ]
+        intro, what = "The command that produced this folder:", "these weights byte for byte"
+    lines = ["## Reproduce", "", intro, "", "```bash", command, "```"]
+    for heal_command in [] if one_run else healed_by:
+        lines += ["", "Then healed with:", "", "```bash", heal_command, "```"]
     if recipe_yaml:
-        if heals and healed_by == [command]:
-            what = "the converted weights before healing (heal_steps 0; the command above heals)"
-        elif heals:
-            what = "the converted weights before healing (then heal them as above)"
-        else:
-            what = "these weights byte for byte"
         lines += [
             "",
             "The full recipe (`recipe.yaml` in this folder); `kvconvert --recipe recipe.yaml "
@@ -429,17 +403,23 @@ def refresh_card(folder: Path, report: dict[str, Any]) -> None:
     card_path = folder / "README.md"
     if not card_path.is_file():
         return
+    recipe = folder / "recipe.yaml"
+    text = recipe.read_text() if recipe.is_file() else None
+    section = "\n".join(reproduce_lines(report, text)) + "\n"
     card = card_path.read_text()
-    start = card.find("## Reproduce\n")
-    if start >= 0:
-        recipe = folder / "recipe.yaml"
-        text = recipe.read_text() if recipe.is_file() else None
-        section = "\n".join(reproduce_lines(report, text)) + "\n"
-        end = card.find("\n## ", start + 1)
-        tail = card.find("\nPer-layer details", start + 1)
-        cut = min(x for x in (end, tail, len(card)) if x >= 0)
-        card = card[:start] + section + card[cut:]
+    card = replace_section(card, "## Reproduce", section, "\nPer-layer details") or card
     card_path.write_text(without_local_paths(card, report=report))
+
+
+def replace_section(card: str, heading: str, section: str, end: str = "\n## ") -> str | None:
+    """``card`` with the section under ``heading`` (up to the next heading, or ``end`` if that
+    comes first) replaced by ``section``; None where the card has no such section."""
+    start = card.find(heading + "\n")
+    if start < 0:
+        return None
+    stops = [card.find(mark, start + 1) for mark in ("\n## ", end)]
+    cut = min([x for x in stops if x >= 0] or [len(card)])
+    return card[:start] + section + card[cut:]
 
 
 def _heads(value: Any) -> str:
@@ -530,14 +510,12 @@ def record_fidelity(folder: Path, measured: dict[str, Any]) -> None:
         return
     card = card_path.read_text()
     section = "## Fidelity\n\n" + "\n".join(fidelity_lines(rep)) + "\n"
-    start = card.find("## Fidelity\n")
-    if start >= 0:
-        end = card.find("\n## ", start + 1)
-        card = card[:start] + section + (card[end:] if end >= 0 else "")
-    else:
+    replaced = replace_section(card, "## Fidelity", section)
+    if replaced is None:  # a card without one: add it before "How to load"
         at = card.find("## How to load")
         at = at if at >= 0 else len(card)
-        card = card[:at] + section + "\n" + card[at:]
+        replaced = card[:at] + section + "\n" + card[at:]
+    card = replaced
     card_path.write_text(without_local_paths(card, report=rep))
 
 

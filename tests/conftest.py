@@ -74,3 +74,19 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+def interrupt_after_first_layer(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Make the layer-sequential engine stop as Ctrl-C would, right after it saved layer 0's
+    progress; returns a function that undoes it, so that the next run goes through."""
+    from kvconvert.engines import sequential
+
+    save = sequential.save_checkpoint
+
+    def interrupted(state_dir, layer, *args):  # noqa: ANN001, ANN202
+        save(state_dir, layer, *args)
+        if layer == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sequential, "save_checkpoint", interrupted)
+    return lambda: monkeypatch.setattr(sequential, "save_checkpoint", save)

@@ -22,7 +22,7 @@ import kvconvert.writer as writer_mod
 from kvconvert.cli import main
 from kvconvert.engines import sequential
 from kvconvert.errors import KVConvertError
-from tests.conftest import FAST, tensors
+from tests.conftest import FAST, interrupt_after_first_layer, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--kv-heads", "2", "--num-samples", "4", "--seq-len", "32", "--quiet"]
@@ -110,16 +110,10 @@ def test_full_disk_mid_conversion_says_resume_and_resume_finishes(
 
 def test_rerun_with_overwrite_discards_saved_progress(tiny_models, tmp_path, monkeypatch):
     src, out = str(tiny_models["llama"]), tmp_path / "o"
-    save = sequential.save_checkpoint
-
-    def interrupted(state_dir, layer, *args):  # noqa: ANN001, ANN202
-        save(state_dir, layer, *args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(sequential, "save_checkpoint", interrupted)
+    resume_normally = interrupt_after_first_layer(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         kvconvert.convert(src, str(out), kv_heads=2, **FAST)
-    monkeypatch.setattr(sequential, "save_checkpoint", save)
+    resume_normally()
     with pytest.raises(KVConvertError, match="add resume=True to continue it, or overwrite=True"):
         kvconvert.convert(src, str(out), kv_heads=2, **FAST)
     assert (tmp_path / "o.kvconvert-work").is_dir()

@@ -17,12 +17,11 @@ from click.testing import CliRunner
 
 import kvconvert
 from kvconvert.cli import main
-from kvconvert.engines import sequential
 from kvconvert.errors import KVConvertError
 from kvconvert.heal import HealOptions, heal
 from kvconvert.recipe import load_recipe_file
 from kvconvert.report import publishable, record_fidelity
-from tests.conftest import FAST, ROOT, tensors
+from tests.conftest import FAST, ROOT, interrupt_after_first_layer, tensors
 
 
 def private_copy(tiny_models, tmp_path, kind: str = "llama"):
@@ -64,21 +63,15 @@ def test_eval_record_and_push_publish_no_local_path(tiny_models, tmp_path):
     assert recipe["model"] == "someorg/tiny"  # the Hub id the card names
 
 
-def test_recipe_holds_no_run_settings_and_a_resumed_output_reruns(tiny_models, tmp_path, capsys):
+def test_recipe_holds_no_run_settings_and_a_resumed_output_reruns(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
     src, out = str(tiny_models["llama"]), tmp_path / "o"
-    save = sequential.save_checkpoint
-
-    def interrupted(state_dir, layer, *args):  # noqa: ANN001, ANN202
-        save(state_dir, layer, *args)
-        raise KeyboardInterrupt
-
-    sequential.save_checkpoint = interrupted
-    try:
-        r = CliRunner().invoke(main, [src, "-o", str(out), "--kv-heads", "2", "--num-samples",
-                                      "4", "--seq-len", "32", "--threads", "1", "--device", "cpu",
-                                      "-q"])  # fmt: skip
-    finally:
-        sequential.save_checkpoint = save
+    resume_normally = interrupt_after_first_layer(monkeypatch)
+    r = CliRunner().invoke(main, [src, "-o", str(out), "--kv-heads", "2", "--num-samples", "4",
+                                  "--seq-len", "32", "--threads", "1", "--device", "cpu",
+                                  "-q"])  # fmt: skip
+    resume_normally()
     assert r.exit_code == 130 and "progress kept in" in r.output
     assert "no output was written" not in r.output  # it was kept: say so, and only that
     r = CliRunner().invoke(main, [src, "-o", str(out), "--kv-heads", "2", "--num-samples", "4",

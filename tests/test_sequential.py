@@ -15,7 +15,15 @@ from safetensors.torch import load_file, save_file
 import kvconvert
 from kvconvert.engines import sequential
 from kvconvert.errors import KVConvertError
-from tests.conftest import FAST, load, logits, tensors, token_ids, torchrun
+from tests.conftest import (
+    FAST,
+    interrupt_after_first_layer,
+    load,
+    logits,
+    tensors,
+    token_ids,
+    torchrun,
+)
 
 
 def weight_bytes(folder: Path) -> dict[str, bytes]:
@@ -58,20 +66,13 @@ def test_interrupt_then_resume_matches_uninterrupted(tiny_models, tmp_path, monk
     ref = kvconvert.convert(src, str(tmp_path / "ref"), **opts)
 
     out = tmp_path / "out"
-    save = sequential.save_checkpoint
-
-    def interrupted(state_dir, layer, *args):  # noqa: ANN001, ANN202
-        save(state_dir, layer, *args)
-        if layer == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(sequential, "save_checkpoint", interrupted)
+    resume_normally = interrupt_after_first_layer(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         kvconvert.convert(src, str(out), **opts)
     work = tmp_path / "out.kvconvert-work"
     assert not out.exists() and (work / sequential.STATE_DIR / "state.json").is_file()
 
-    monkeypatch.setattr(sequential, "save_checkpoint", save)
+    resume_normally()
     with pytest.raises(KVConvertError, match="fingerprint mismatch"):
         kvconvert.convert(src, str(out), resume=True, **{**opts, "seed": 7})
     assert work.is_dir()  # a mismatch keeps the progress

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 from ..calibration.samples import AttentionSamples
 from ..distributed import sum_over_ranks
@@ -124,9 +125,7 @@ def refine(
         return _refine(module, samples, steps, lr, world, rows)
 
 
-def rows_output(
-    attn: torch.nn.Module, kwargs: dict[str, Any], rows: torch.Tensor, heads_only: bool = False
-) -> torch.Tensor:
+def rows_output(attn: torch.nn.Module, kwargs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
     """``attn``'s output (a KVConvertAttention) at query positions ``rows`` only, each query
     attending to its own position and the ones before it (within ``attn.sliding_window``):
     the rows of ``attn(**kwargs)[0]`` for calibration sequences, which have no padding, at
@@ -139,8 +138,8 @@ def rows_output(
     q = attn.q_proj(x[:, rows]).view(b, len(rows), h, d).transpose(1, 2)
     k = attn.k_proj(x).view(b, t, -1, d).transpose(1, 2)
     v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
-    q = q * cos[:, rows].unsqueeze(1) + _rotate_half(q) * sin[:, rows].unsqueeze(1)
-    k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+    q = q * cos[:, rows].unsqueeze(1) + rotate_half(q) * sin[:, rows].unsqueeze(1)
+    k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
     g = attn.num_kv_heads
     if attn.projected:  # --rope-keys project: the rotated keys and queries projected per head
         k = k.view(b, g, -1, t, d).transpose(2, 3).reshape(b, g, t, -1)
@@ -156,13 +155,7 @@ def rows_output(
         q, k, v, attn_mask=mask, scale=attn.scaling
     )
     out = out.reshape(b, h, len(rows), d).transpose(1, 2).reshape(b, len(rows), h * d)
-    return out if heads_only else attn.o_proj(out)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """RoPE's pairing of the first and second half of each head (as the Llama code does)."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+    return attn.o_proj(out)
 
 
 def _refine(

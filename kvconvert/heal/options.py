@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import KVConvertError
-from ..recipe import DEVICES, Recipe, check_choices_and_threads, option
+from ..recipe import DEVICES, Recipe, check_choices_and_threads, option, threads_option
 
 TRAIN = ("attention", "all")
 OPTIMIZERS = ("adamw", "sgd")
@@ -105,12 +105,7 @@ class HealOptions:
     text_field: str = option("text", "Field holding the text in .jsonl data.")
     seed: int = option(0, "Seed for sampling, data order and LoRA init.", type=int)
     device: str = option("auto", "Where training runs (auto: CUDA if available).", DEVICES)
-    threads: int | None = option(
-        None,
-        "CPU threads torch uses (default: torch's choice, one per core). On a shared or busy "
-        "machine fewer threads can be much faster; OMP_NUM_THREADS is honoured too.",
-        type=int,
-    )
+    threads: int | None = threads_option()
     teacher_device: str = option(
         "same",
         "Where the original model runs: the training device, or cpu to save memory.",
