@@ -96,10 +96,10 @@ def check(
     )
     if new_tokens < 1:
         raise KVConvertError(f"new_tokens: must be at least 1, got {new_tokens}")
-    dev = _device(device)
+    dev = device_of(device)
     try:
-        path = _resolve(str(folder), progress)
-        config = _read_json(path / "config.json", required=True)
+        path = resolve_folder(str(folder), progress)
+        config = read_json(path / "config.json", required=True)
         remote = "auto_map" in config
         if trust_remote_code is None:
             trust_remote_code = Path(folder).is_dir() and (path / "kvconvert.json").is_file()
@@ -108,17 +108,17 @@ def check(
                 "it ships its own model code (auto_map in config.json); pass "
                 "--trust-remote-code to run it"
             )
-        with _progress_bars(progress):
-            model = _load(path, dev, trust_remote_code=remote)
+        with progress_bars(progress):
+            model = load_model(path, dev, trust_remote_code=remote)
         res.model_class = type(model).__name__
         res.prompt_tokens = prompt_length(config)
         prompt = prompt_ids(path, config, model, res.prompt_tokens).to(dev)
-        report = _read_json(path / "kvconvert.json")
+        report = read_json(path / "kvconvert.json")
     except KVConvertError as e:
         res.problems.append(str(e))
         return res
     except Exception as e:  # noqa: BLE001 - e.g. remote code failing in generation_config
-        res.problems.append(f"preparing the prompt failed: {_one_line(e)}")
+        res.problems.append(f"preparing the prompt failed: {one_line(e)}")
         return res
 
     _stage(res, "generate", lambda: _check_generate(res, model, config, prompt))
@@ -134,11 +134,11 @@ def _stage(res: CheckResult, what: str, fn: Any) -> None:
     except KVConvertError as e:
         res.problems.append(str(e))
     except Exception as e:  # noqa: BLE001 - remote code may fail in any way
-        res.problems.append(f"{what} failed: {_one_line(e)}")
+        res.problems.append(f"{what} failed: {one_line(e)}")
 
 
 # --- loading ----------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
+def device_of(name: str) -> torch.device:
     from .loading import resolve_device
 
     try:
@@ -148,7 +148,7 @@ def _device(name: str) -> torch.device:
 
 
 @contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
+def progress_bars(enabled: bool) -> Iterator[None]:
     """transformers' "Loading weights" bar, on or off for the block (then as it was)."""
     from transformers.utils import logging as hf_logging
 
@@ -162,14 +162,14 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _resolve(name: str, progress: bool) -> Path:
+def resolve_folder(name: str, progress: bool) -> Path:
     from .source import resolve_source
 
     # *.py files of a Hub repo are fetched; they run only if config.json has an auto_map
     return resolve_source(name, None, trust_remote_code=True, progress=progress)
 
 
-def _read_json(path: Path, required: bool = False) -> dict[str, Any] | None:
+def read_json(path: Path, required: bool = False) -> dict[str, Any] | None:
     if not path.is_file():
         if required:
             raise KVConvertError(f"no {path.name} in {path.parent}")
@@ -180,17 +180,17 @@ def _read_json(path: Path, required: bool = False) -> dict[str, Any] | None:
         raise KVConvertError(f"{path.name} is not valid JSON: {e}") from e
 
 
-def _load(folder: Path, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
+def load_model(folder: Path, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
         return model.to(device).eval()
     except Exception as e:  # noqa: BLE001 - missing files, broken remote code, ...
-        raise KVConvertError(f"cannot load: {_one_line(e)}") from e
+        raise KVConvertError(f"cannot load: {one_line(e)}") from e
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     text = lines[0] if lines else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -206,7 +206,7 @@ def prompt_length(config: dict[str, Any]) -> int:
 def special_ids(folder: Path, config: dict[str, Any], model: Any) -> set[int]:
     """Token ids a prompt should not contain: the configs' bos/eos/pad, the tokenizer's."""
     out: set[int] = set()
-    gen = _read_json(folder / "generation_config.json") or {}
+    gen = read_json(folder / "generation_config.json") or {}
     text = config.get("text_config") or {}
     for source in (config, text, gen, model.generation_config.to_dict()):
         for key in SPECIAL_KEYS:
@@ -239,8 +239,10 @@ def vocab_size(model: Any) -> int:
     return min(sizes)
 
 
-def prompt_ids(folder: Path, config: dict[str, Any], model: Any, length: int) -> torch.Tensor:
-    """(1, length) token ids drawn with a fixed seed from the vocabulary, no special ids."""
+def prompt_ids(
+    folder: Path, config: dict[str, Any], model: Any, length: int, rows: int = 1
+) -> torch.Tensor:
+    """(rows, length) token ids drawn with a fixed seed from the vocabulary, no special ids."""
     allowed = torch.ones(vocab_size(model), dtype=torch.bool)
     for i in special_ids(folder, config, model):
         if 0 <= i < allowed.numel():
@@ -249,7 +251,7 @@ def prompt_ids(folder: Path, config: dict[str, Any], model: Any, length: int) ->
     if pool.numel() == 0:
         raise KVConvertError("the vocabulary has only special tokens")
     g = torch.Generator().manual_seed(0)
-    return pool[torch.randint(0, pool.numel(), (1, length), generator=g)]
+    return pool[torch.randint(0, pool.numel(), (rows, length), generator=g)]
 
 
 # --- generate vs uncached forward -------------------------------------------------------------

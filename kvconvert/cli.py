@@ -302,25 +302,79 @@ def eval_cmd(
     help="Run the model code a Hub repo or a folder not written by kvconvert ships (a local "
     "kvconvert output's own code runs without it).",
 )
+@click.option(
+    "--engine",
+    default="transformers",
+    show_default=True,
+    type=click.Choice(["transformers", "vllm", "llama.cpp"]),
+    help="Run OUTPUT in this engine and compare it with transformers: greedy tokens, prompt "
+    "log-probs, and the KV cache (vllm: capacity in tokens; llama.cpp: bytes). An output the "
+    "engine cannot serve must be refused with the reason.",
+)
+@click.option(
+    "--llama-cpp",
+    "llama_cpp",
+    type=click.Path(file_okay=False, exists=True),
+    help="With --engine llama.cpp: a llama.cpp source tree, whose convert_hf_to_gguf.py "
+    "converts OUTPUT (e.g. vendor/llama.cpp of the llama-cpp-python sdist).",
+)
+@click.option(
+    "--python",
+    "python",
+    type=click.Path(dir_okay=False),
+    help="Interpreter of the environment where the engine is installed, e.g. "
+    "vllm-env/bin/python (default: this one). It needs the engine only (llama.cpp: the "
+    "llama_cpp bindings and the converter's requirements), not kvconvert.",
+)
+@click.option(
+    "--kv-space",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --engine vllm: GiB of KV cache it gets (VLLM_CPU_KVCACHE_SPACE on CPU, "
+    "kv_cache_memory_bytes on GPU); its capacity in tokens is checked against kvconvert.json.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check_cmd(
-    output: str, device: str, new_tokens: int, trust_remote_code: bool, as_json: bool
+    output: str,
+    device: str,
+    new_tokens: int,
+    trust_remote_code: bool,
+    engine: str,
+    llama_cpp: str | None,
+    python: str | None,
+    kv_space: int,
+    as_json: bool,
 ) -> None:
-    """Does OUTPUT still work with the installed transformers (e.g. after an upgrade)?
+    """Does OUTPUT still work with the installed transformers or serving engine?
 
     OUTPUT is a kvconvert output folder (or any causal LM folder or Hub id). Loads it as a user
     would, checks greedy generate() against an uncached forward, and the cache bytes after a
-    prefill against the conversion report. Prints one line, ok: or FAILED:, and exits 1 on
-    failure. See docs/check.md.
+    prefill against the conversion report. With --engine vllm or llama.cpp, runs it in that
+    engine instead (in --python's environment) and compares it with transformers on the same
+    token ids. Prints one line, ok: or FAILED:, and exits 1 on failure. See docs/check.md.
     """
-    from .pipeline import check
+    from .pipeline import check, check_engine
 
+    if engine == "transformers" and python:
+        raise click.UsageError("--python names the interpreter of --engine vllm or llama.cpp")
+    if llama_cpp and engine != "llama.cpp":
+        raise click.UsageError("--llama-cpp goes with --engine llama.cpp")
+    trust = trust_remote_code or None
     res = _run(
-        lambda: check(
-            output,
-            device=device,
-            new_tokens=new_tokens,
-            trust_remote_code=trust_remote_code or None,
+        lambda: (
+            check(output, device=device, new_tokens=new_tokens, trust_remote_code=trust)
+            if engine == "transformers"
+            else check_engine(
+                output,
+                engine,
+                python=python,
+                device=device,
+                new_tokens=new_tokens,
+                kv_space_gib=kv_space,
+                llama_cpp=llama_cpp,
+                trust_remote_code=trust,
+            )
         )
     )
     click.echo(json.dumps(res.to_dict(), indent=2) if as_json else res.line())

@@ -24,6 +24,7 @@ from typing import Any
 from . import hub
 from .check import check
 from .distributed import dist_setup, from_rank0, local_device, world_size
+from .enginecheck import check_engine
 from .engines import sequential, whole
 from .errors import KVConvertError
 from .evaluate import evaluate
@@ -43,6 +44,7 @@ __all__ = [
     "HealOptions",
     "Recipe",
     "check",
+    "check_engine",
     "command_line",
     "convert",
     "convert_and_heal",

@@ -348,6 +348,8 @@ def model_card(
         "",
         *_how_to_load(remote_code, deci=tgt.get("format") == "deci"),
         "",
+        *serving_lines(tgt),
+        "",
         *reproduce_lines(report, recipe_yaml),
     ]
     lines += ["", "Per-layer details (groups, errors, timings) are in `kvconvert.json`.", ""]
@@ -533,9 +535,8 @@ def _how_to_load(remote_code: bool, deci: bool = False) -> list[str]:
     if deci:
         intro = (
             "The layers keep different numbers of KV heads, in the DeciLM / Nemotron-NAS layout "
-            "(`DeciLMForCausalLM`, `block_configs` in `config.json`) that vLLM serves "
-            "(`vllm serve FOLDER --trust-remote-code`) and llama.cpp's `convert_hf_to_gguf.py` "
-            "converts. For transformers the checkpoint ships its own modeling code (thin, on "
+            "(`DeciLMForCausalLM`, `block_configs` in `config.json`) that serving engines read "
+            "(below). For transformers the checkpoint ships its own modeling code (thin, on "
             "the stock Llama classes); load it with `trust_remote_code=True` (transformers 5):"
         )
         arg = ", trust_remote_code=True"
@@ -566,6 +567,33 @@ def _how_to_load(remote_code: bool, deci: bool = False) -> list[str]:
         "```",
         *TOKENIZER_NOTE * bool(arg),
     ]
+
+
+#: Which serving engines run each kind of GQA output (docs/serving.md has the measurements).
+SERVING = {
+    "stock": "vLLM, SGLang and llama.cpp serve it as the source architecture.",
+    "deci": "vLLM serves it as `DeciLMForCausalLM` (`vllm serve FOLDER --trust-remote-code`); "
+    "llama.cpp's "
+    "converter writes a `deci` GGUF with per-layer KV heads (run it with flash attention on).",
+    "family": "vLLM serves it through its Transformers backend (`vllm serve FOLDER "
+    "--trust-remote-code`); llama.cpp has no grouped-query attention for this architecture.",
+    "kvconvert": "Only transformers runs it: its attention is kvconvert's own model code, which "
+    "engines that bring their own attention kernels and KV cache cannot run. vLLM stops at "
+    "start-up with that reason rather than serve a different model. For vLLM or llama.cpp, "
+    "convert to the DeciLM layout instead (`--format auto`, without `--rope-keys project`).",
+}
+ENGINE_CHECK = (
+    "`kvconvert check FOLDER --engine vllm` compares your vLLM with transformers on this "
+    "checkpoint (greedy tokens, prompt log-probs, KV capacity)."
+)
+
+
+def serving_lines(target: dict[str, Any]) -> list[str]:
+    """The card's paragraph on serving engines for a GQA output."""
+    layout = target.get("format", "stock")
+    if layout == "kvconvert" and target.get("model_code"):
+        layout = "family"
+    return [f"**Serving.** {SERVING.get(layout, SERVING['kvconvert'])} {ENGINE_CHECK}"]
 
 
 #: Why the tokenizer line passes trust_remote_code too (docs/serving.md).

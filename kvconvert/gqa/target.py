@@ -446,6 +446,8 @@ class GQATarget(Target):
         }
         if note:
             out["format_note"] = note
+        if src.adapter.remote_family is not None:  # which engines serve it (docs/serving.md)
+            out["model_code"] = src.adapter.remote_family.model_type
         if recipe.rope_keys == "project":
             out["key_projection_heads"] = [src.num_kv_heads] * src.num_layers
         if self.allocation is not None:

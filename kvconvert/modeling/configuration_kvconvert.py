@@ -17,7 +17,34 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 
-class KVConvertConfig(PreTrainedConfig):
+class RefuseEngines:
+    """Makes serving engines that cannot run this attention stop with the reason (vLLM, for one).
+
+    Engines such as vLLM size their own KV cache from a model-wide head count that they look up
+    under ``n_head_kv`` or ``num_kv_heads`` before ``num_key_value_heads``; transformers and
+    this checkpoint's code never read those names. Answering them with the reason is how the
+    checkpoint refuses to be run as some other model, instead of failing deep inside the engine.
+    """
+
+    @property
+    def n_head_kv(self):
+        what = []
+        if len(set(self.num_key_value_heads)) > 1:
+            what.append(f"a different number of KV heads per layer ({self.num_key_value_heads})")
+        if any(self.key_projection_heads):
+            what.append("keys projected after RoPE (key_down, query_down) inside attention")
+        raise ValueError(
+            "kvconvert checkpoint with its own attention: an engine that runs its own attention "
+            "kernels and KV cache from one model-wide KV head count cannot serve it, because it "
+            f"has {' and '.join(what) or 'kvconvert attention'}. Load it with transformers: "
+            "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True); the model card "
+            "says which engines serve it."
+        )
+
+    num_kv_heads = n_head_kv
+
+
+class KVConvertConfig(RefuseEngines, PreTrainedConfig):
     """Llama-family decoder with per-layer KV heads and optional post-RoPE key projection."""
 
     model_type = "kvconvert"

@@ -33,8 +33,34 @@ from transformers import (
     Qwen3Config,
 )
 
+#: why a serving engine must not run this checkpoint with its own attention (see ``n_head_kv``)
+ENGINE_REFUSAL = (
+    "kvconvert PoD checkpoint: an engine that runs its own attention kernels and KV cache from "
+    "one model-wide KV head count cannot serve it. For distant tokens its upper layers attend "
+    "with the keys of their block's bottom layer (pod_map), which only the checkpoint's own "
+    "model code and PodCache compute; such an engine would run the dense original model "
+    "instead. Load it with transformers: AutoModelForCausalLM.from_pretrained(path, "
+    "trust_remote_code=True); the model card says which engines serve it."
+)
 
-class KVConvertPodConfig(PreTrainedConfig):
+
+class RefuseEngines:
+    """Makes serving engines that cannot run PoD stop with the reason (vLLM, for one).
+
+    Engines such as vLLM size their own KV cache from a model-wide head count that they look up
+    under ``n_head_kv`` or ``num_kv_heads`` before ``num_key_value_heads``; transformers and
+    this checkpoint's code never read those names. Answering them with the reason is how the
+    checkpoint refuses to be served as a dense model, instead of failing deep inside the engine.
+    """
+
+    @property
+    def n_head_kv(self):
+        raise ValueError(ENGINE_REFUSAL)
+
+    num_kv_heads = n_head_kv
+
+
+class KVConvertPodConfig(RefuseEngines, PreTrainedConfig):
     model_type = "kvconvert_pod"
     keys_to_ignore_at_inference = ["past_key_values"]
 
@@ -181,7 +207,7 @@ def check_pod_config(config) -> None:
 
 
 @dataclass
-class PodConfigMixin:
+class PodConfigMixin(RefuseEngines):
     """The PoD fields every architecture's config adds to its stock config, checked on load.
 
     A dataclass, so that its fields join the subclass's config fields (saved by ``to_dict``

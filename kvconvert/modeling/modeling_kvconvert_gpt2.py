@@ -89,7 +89,7 @@ class KVConvertGPT2Attention(GPT2Attention):
                 scaling=self.scaling,
                 **kwargs,
             )
-        out = out.reshape(*out.shape[:-2], -1).contiguous()
+        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.resid_dropout(self.c_proj(out)), weights
 
 
@@ -99,8 +99,14 @@ def use_gqa_attention(blocks: nn.ModuleList, config: KVConvertGPT2Config) -> Non
         block.attn = KVConvertGPT2Attention(config, i)
 
 
+#: the stock list, anchored: engines that treat it as patterns of tensors to skip (vLLM's
+#: Transformers backend) would otherwise drop ``c_attn.bias`` with the legacy ``attn.bias``
+IGNORED_ON_LOAD = [r"(^|\.)attn\.bias$", r"(^|\.)crossattention\.bias$"]
+
+
 class KVConvertGPT2Model(GPT2Model):
     config_class = KVConvertGPT2Config
+    _keys_to_ignore_on_load_unexpected = IGNORED_ON_LOAD
 
     def __init__(self, config: KVConvertGPT2Config) -> None:
         super().__init__(config)
@@ -110,6 +116,7 @@ class KVConvertGPT2Model(GPT2Model):
 
 class KVConvertGPT2LMHeadModel(GPT2LMHeadModel):
     config_class = KVConvertGPT2Config
+    _keys_to_ignore_on_load_unexpected = IGNORED_ON_LOAD
 
     def __init__(self, config: KVConvertGPT2Config) -> None:
         super().__init__(config)

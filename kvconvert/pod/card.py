@@ -73,10 +73,21 @@ def pod_model_card(
         "```",
         *report_mod.TOKENIZER_NOTE,
         "",
+        f"**Serving.** {SERVING} {report_mod.ENGINE_CHECK}",
+        "",
         *report_mod.reproduce_lines(report, recipe_yaml),
         "",
     ]
     return "\n".join(lines)
+
+
+#: why only transformers serves PoD (docs/serving.md)
+SERVING = (
+    "Only transformers runs PoD: for distant tokens its upper layers attend with their block "
+    "bottom's keys, which the attention kernels of serving engines do not do. vLLM stops at "
+    "start-up with that reason rather than serve the dense model; llama.cpp's converter does "
+    "not know the architecture."
+)
 
 
 def bias_lines(target: dict[str, Any]) -> list[str]:

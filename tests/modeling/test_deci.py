@@ -66,6 +66,24 @@ def test_config_is_what_engines_read(pair):
     assert "vllm serve" in (deci / "README.md").read_text()
 
 
+#: the block keys mlx-lm's nemotron-nas model accepts: it builds frozen dataclasses with
+#: ``AttentionConfig(**block["attention"])``, so any other key (such as Puzzletron's
+#: ``num_key_value_heads``) stops it with a TypeError (docs/output-format.md)
+MLX_ATTENTION_KEYS = {
+    "no_op", "replace_with_linear", "sparsify", "n_heads_in_group", "window_length",
+    "num_sink_tokens", "use_prefill_window_in_sink_attention", "unshifted_sink",
+}  # fmt: skip
+MLX_FFN_KEYS = {"no_op", "replace_with_linear", "sparsify", "ffn_mult"}
+
+
+def test_block_keys_are_ones_every_deci_reader_accepts(pair):
+    _, deci, _ = pair
+    for block in json.loads((deci / "config.json").read_text())["block_configs"]:
+        assert set(block) == {"attention", "ffn"}
+        assert set(block["attention"]) <= MLX_ATTENTION_KEYS
+        assert set(block["ffn"]) <= MLX_FFN_KEYS
+
+
 def test_same_logits_as_kvconvert_format_without_kvconvert(pair, tmp_path):
     _, deci, own = pair
     ids = token_ids()
