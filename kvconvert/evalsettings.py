@@ -51,6 +51,13 @@ class EvalSettings:
         "of an eval on a CPU; 0 turns retrieval off).",
         type=int,
     )
+    repetition_tokens: int = option(
+        128,
+        "Tokens each model continues 8 fixed prompts with (story openings, instructions, chat; "
+        "greedy, to eos): the repeated-4-gram share and distinct-2 of those continuations show "
+        "greedy loops that KL and perplexity average away. 0 turns it off.",
+        type=int,
+    )
     device: str = option("auto", "Where models run (auto: CUDA if available).", DEVICES)
     dtype: str = option("auto", "Dtype models are loaded in (auto: the checkpoint's).", DTYPES)
     threads: int | None = threads_option()
@@ -81,8 +88,10 @@ class EvalSettings:
                 raise KVConvertError(f"{key}: must be a positive integer, got {v!r}")
         if self.seq_len < 2:
             raise KVConvertError("seq_len: must be at least 2")
-        if self.trials < 0:
-            raise KVConvertError(f"trials: must be 0 or more, got {self.trials!r}")
+        for key in ("trials", "repetition_tokens"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 0:
+                raise KVConvertError(f"{key}: must be 0 or more, got {v!r}")
         self.depth_list()
         return self
 

@@ -37,6 +37,7 @@ from .eta import AboveBars, Estimate
 from .evalcache import EvalCache, cache_dir, content_digest, files_fingerprint
 from .evalsettings import EvalSettings as EvalSettings  # the options, torch-free for the CLI
 from .promise import BYTES_TOLERANCE, expected_bytes
+from .repetition import continuations, prompt_ids, repetition
 from .report import record_fidelity
 from .source import check_derived
 
@@ -562,6 +563,38 @@ def original_retrieval(
     return result
 
 
+def repetition_entry(what: str, texts: list[list[int]], tokenizer: Any | None) -> dict[str, Any]:
+    """The repetition measure of one model, with its continuations (decoded when possible)."""
+    out: dict[str, Any] = {"prompts": what, **repetition(texts)}
+    out["continuations"] = [tokenizer.decode(t) for t in texts] if tokenizer else texts
+    return out
+
+
+def original_repetition(
+    model: torch.nn.Module,
+    loops: tuple[str, list[list[int]]],
+    tokenizer: Any | None,
+    settings: EvalSettings,
+    cache: EvalCache,
+    progress: bool,
+) -> dict[str, Any]:
+    """The original's continuations: from the eval cache when it holds them for these
+    prompts and length, else generated and stored."""
+    key = {"repetition": content_digest([loops[1], settings.repetition_tokens])}
+
+    def valid(v: Any) -> bool:
+        return isinstance(v, list) and len(v) == len(loops[1])
+
+    texts = cache.get("repetition", key, valid)
+    if texts is None:
+        with Phase("repetition: original", len(loops[1]), "prompts", progress) as bar:
+            texts = continuations(model, loops[1], settings.repetition_tokens, bar.update)
+        cache.put("repetition", key, texts)
+    else:
+        _say(progress, "repetition: the original's continuations made earlier (eval cache)")
+    return repetition_entry(loops[0], texts, tokenizer)
+
+
 def evaluate(
     original: str,
     converted: list[str],
@@ -613,6 +646,11 @@ def evaluate(
     results[0]["retrieval"] = (
         original_retrieval(orig, tasks, tokenizer, cache, progress) if settings.trials else None
     )
+    loops = prompt_ids(tokenizer, tokens) if settings.repetition_tokens else None
+    if loops:
+        results[0]["repetition"] = original_repetition(
+            orig, loops, tokenizer, settings, cache, progress
+        )
     # Warm up once, then per-model lists of timings; the original is timed next to each model.
     prefill_decode(orig, speed_ids[:, : min(context, 16)], 2)
     times: dict[int, list[tuple[float, float]]] = {0: []}
@@ -642,6 +680,10 @@ def evaluate(
         if settings.trials:
             with Phase(f"retrieval: {label}", n_prompts, "prompts", progress) as bar:
                 entry["retrieval"] = run_retrieval(conv, tasks, tokenizer, bar)
+        if loops:
+            with Phase(f"repetition: {label}", len(loops[1]), "prompts", progress) as bar:
+                texts = continuations(conv, loops[1], settings.repetition_tokens, bar.update)
+            entry["repetition"] = repetition_entry(loops[0], texts, tokenizer)
         results.append(entry)
         del conv
         if device.type == "cuda":
@@ -687,10 +729,24 @@ def fidelity_entry(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]
         "perplexity": round(entry["ppl"], 4),
         "original_perplexity": round(orig["ppl"], 4),
         "kv_cache_ratio": round(entry["kv_ratio"], 4) if entry["kv_ratio"] is not None else None,
+        **_repetition_fields(entry, orig),
         "data": st["data"],
         "tokens": f"{st['eval_tokens'][0]} x {st['eval_tokens'][1]}",
         "command": doc["command"],
     }
+
+
+def _repetition_fields(entry: dict[str, Any], orig: dict[str, Any]) -> dict[str, Any]:
+    """Repeated 4-grams and distinct-2 of the model and of the original, for --record."""
+    mine, theirs = entry.get("repetition"), orig.get("repetition")
+    if not mine or not theirs:
+        return {}
+    out = {}
+    for key in ("repeated_4grams", "distinct_2"):
+        if mine.get(key) is not None and theirs.get(key) is not None:
+            out[f"greedy_{key}"] = round(mine[key], 4)
+            out[f"original_greedy_{key}"] = round(theirs[key], 4)
+    return out
 
 
 def _model_entry(
@@ -740,11 +796,18 @@ def format_table(doc: dict[str, Any]) -> str:
         "ppl",
         "prefill tok/s",
         "decode tok/s",
+        "rep-4",
+        "dist-2",
         "retrieval",
     ]
     retrieval = _retrieval_score(doc["models"][0]) not in (None, 0.0)
-    if not retrieval:  # the original cannot do it either: the column would say nothing
-        head.pop()
+    loops = doc["models"][0].get("repetition") is not None
+    # columns that would say nothing: retrieval the original cannot do either, and the
+    # repetition measure under --repetition-tokens 0
+    keep = [
+        (name != "retrieval" or retrieval) and (name not in ("rep-4", "dist-2") or loops)
+        for name in head
+    ]
     rows = [head]
     for m in doc["models"]:
         r = m.get("retrieval")
@@ -760,10 +823,13 @@ def format_table(doc: dict[str, Any]) -> str:
                 f"{m['ppl']:.3f}",
                 f"{m['prefill_tok_s']:.0f}",
                 f"{m['decode_tok_s']:.1f}" if m["decode_tok_s"] else "-",
+                _share(m, "repeated_4grams", "{:.1%}"),
+                _share(m, "distinct_2", "{:.3f}"),
                 f"{score:.2f} ({r['task']})" if score is not None else "-",
-            ][: len(head)]
+            ]
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    rows = [[c for c, k in zip(row, keep, strict=True) if k] for row in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(_cells(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for m in doc["models"]:
@@ -775,6 +841,13 @@ def format_table(doc: dict[str, Any]) -> str:
                 f"{_bytes(m['kv_bytes_promised'])} its kvconvert.json promises (every tensor "
                 "the cache object keeps counts)"
             )
+    if loops:
+        rep = doc["models"][0]["repetition"]
+        lines.append(
+            f"(rep-4: share of repeated token 4-grams, dist-2: distinct bigrams, in greedy "
+            f"continuations of {rep['prompts']}, up to "
+            f"{doc['settings']['repetition_tokens']} tokens each; the texts are in --json)"
+        )
     probe = doc["models"][0].get("retrieval")
     if not retrieval and probe:
         task = probe["task"]
@@ -786,6 +859,11 @@ def format_table(doc: dict[str, Any]) -> str:
             f"{ctx} tokens; more with --trials, per depth in --json)"
         )
     return "\n".join(lines)
+
+
+def _share(m: dict[str, Any], key: str, fmt: str) -> str:
+    value = (m.get("repetition") or {}).get(key)
+    return fmt.format(value) if value is not None else "-"
 
 
 def _retrieval_score(m: dict[str, Any]) -> float | None:

@@ -38,9 +38,10 @@ def halved(tiny_models, tmp_path_factory):
 
 @pytest.fixture()
 def calls(monkeypatch):
-    """Counts the two things the cache saves: sampling and retrieval runs (per model)."""
-    counts = {"sample": 0, "retrieval": 0}
+    """Counts what the cache saves: sampling, retrieval and repetition runs (per model)."""
+    counts = {"sample": 0, "retrieval": 0, "repetition": 0}
     sample, retrieval = data_mod.sample_from_model, evaluate_mod.run_retrieval
+    loops = evaluate_mod.continuations
 
     def counted_sample(*args, **kwargs):
         counts["sample"] += 1
@@ -50,8 +51,13 @@ def calls(monkeypatch):
         counts["retrieval"] += 1
         return retrieval(*args, **kwargs)
 
+    def counted_loops(*args, **kwargs):
+        counts["repetition"] += 1
+        return loops(*args, **kwargs)
+
     monkeypatch.setattr(data_mod, "sample_from_model", counted_sample)
     monkeypatch.setattr(evaluate_mod, "run_retrieval", counted_retrieval)
+    monkeypatch.setattr(evaluate_mod, "continuations", counted_loops)
     return counts
 
 
@@ -66,10 +72,12 @@ def untimed(doc):
 
 def test_second_eval_reuses_the_cache_and_gives_the_same_numbers(tiny_models, halved, cache, calls):
     first = run(tiny_models, halved)
-    assert calls == {"sample": 1, "retrieval": 2}  # original and converted
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["retrieval", "samples"]
+    assert calls == {"sample": 1, "retrieval": 2, "repetition": 2}  # original and converted
+    kinds = sorted(p.name.split("-")[0] for p in cache.iterdir())
+    assert kinds == ["repetition", "retrieval", "samples"]
     second = run(tiny_models, halved)
-    assert calls == {"sample": 1, "retrieval": 3}  # only the converted model's retrieval
+    # only the converted model's retrieval and continuations
+    assert calls == {"sample": 1, "retrieval": 3, "repetition": 3}
     assert untimed(second) == untimed(first)
     assert second["settings"] == first["settings"]
 
@@ -77,17 +85,17 @@ def test_second_eval_reuses_the_cache_and_gives_the_same_numbers(tiny_models, ha
 def test_a_changed_setting_or_original_misses_the_cache(tiny_models, halved, cache, calls):
     run(tiny_models, halved)
     run(tiny_models, halved, seed=7)  # other tokens, so other copy prompts too
-    assert calls == {"sample": 2, "retrieval": 4}
+    assert calls == {"sample": 2, "retrieval": 4, "repetition": 4}
     run(tiny_models, halved, trials=2)  # same tokens, other retrieval prompts
-    assert calls == {"sample": 2, "retrieval": 6}
+    assert calls == {"sample": 2, "retrieval": 6, "repetition": 5}
     run(tiny_models, halved, seq_len=20)
-    assert calls == {"sample": 3, "retrieval": 8}
+    assert calls == {"sample": 3, "retrieval": 8, "repetition": 7}
     config = tiny_models["llama"] / "config.json"
     st = config.stat()
     try:  # the original's files changed (same size, newer mtime): nothing is reused
         os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
         run(tiny_models, halved)
-        assert calls == {"sample": 4, "retrieval": 10}
+        assert calls == {"sample": 4, "retrieval": 10, "repetition": 9}
     finally:
         os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns))
 
@@ -124,8 +132,9 @@ def test_a_corrupt_or_mismatched_entry_is_ignored_and_rewritten(
     (retrieval,) = cache.glob("retrieval-*.json")
     retrieval.write_text(json.dumps({**json.loads(retrieval.read_text()), "value": [2.0, 0.5]}))
     assert untimed(run(tiny_models, halved)) == untimed(fresh)  # a score above 1: refused
-    # resampled tokens are the same tokens, so run 2 reused the original's scores; run 3 not
-    assert calls == {"sample": 2, "retrieval": 5}
+    # resampled tokens are the same tokens, so run 2 reused the original's scores and
+    # continuations; run 3 its continuations only
+    assert calls == {"sample": 2, "retrieval": 5, "repetition": 4}
 
 
 def test_no_cache_neither_reads_nor_writes(tiny_models, halved, cache, calls):
@@ -133,7 +142,7 @@ def test_no_cache_neither_reads_nor_writes(tiny_models, halved, cache, calls):
     assert not cache.exists()
     run(tiny_models, halved)
     run(tiny_models, halved, no_cache=True)
-    assert calls == {"sample": 3, "retrieval": 6}
+    assert calls == {"sample": 3, "retrieval": 6, "repetition": 6}
     r = CliRunner().invoke(main, ["eval", "--help"])
     assert "--no-cache " in r.output and "--no-no-cache" not in r.output
 

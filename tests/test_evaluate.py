@@ -53,9 +53,11 @@ MODEL_KEYS = {
     "decode_tok_s",
     "timed_runs",
     "retrieval",
+    "repetition",
     "conversion",
 }
 RETRIEVAL_KEYS = {"task", "metric", "depths", "trials", "accuracy"}
+REPETITION_KEYS = {"prompts", "repeated_4grams", "distinct_2", "tokens", "continuations"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,10 +124,11 @@ def test_cli_json_schema_is_stable_and_documented(tiny_models, halved, tmp_path)
     for m in doc["models"]:
         assert set(m) == MODEL_KEYS
         assert set(m["retrieval"]) == RETRIEVAL_KEYS
+        assert set(m["repetition"]) == REPETITION_KEYS
         assert m["retrieval"]["task"] == "copy"  # the tiny models have no tokenizer
     assert [m["role"] for m in doc["models"]] == ["original", "converted"]
     documented = (ROOT / "docs/evaluation.md").read_text()
-    for key in TOP_KEYS | MODEL_KEYS | RETRIEVAL_KEYS:
+    for key in TOP_KEYS | MODEL_KEYS | RETRIEVAL_KEYS | REPETITION_KEYS:
         assert f"`{key}`" in documented, f"docs/evaluation.md does not document {key!r}"
 
 
@@ -298,3 +301,6 @@ def test_record_writes_fidelity_into_report_and_card(tiny_models, tmp_path):
         assert card.count("## Fidelity") == 1 and "No fidelity measurement" not in card
         assert f"| kl nats per token | {measured['kl_nats_per_token']:.4g} |" in card
         assert "Measured by kvconvert eval" in card and measured["tokens"] == "2 x 16"
+        for key in ("greedy_repeated_4grams", "original_greedy_distinct_2"):
+            assert 0 <= measured[key] <= 1
+            assert f"| {key.replace('_', ' ')} | {measured[key]:.4g} |" in card
