@@ -1,12 +1,14 @@
-"""``kvconvert check OUTPUT --engine vllm``: does a serving engine run an output as transformers?
+"""``kvconvert check OUTPUT --engine vllm|llama.cpp``: does a serving engine run an output as
+transformers does?
 
 The engine runs in its own interpreter (``--python``, e.g. a venv that has vLLM but not
-kvconvert) through a standalone probe script (``kvconvert/serving/vllm_probe.py``) that takes a
+kvconvert) through a standalone probe script (``kvconvert/serving/*_probe.py``) that takes a
 request and writes a JSON result. Here, transformers computes the same things on the same token
 ids, and the two are compared: greedy continuations, the log-prob of every prompt token, and
-the engine's KV cache capacity against ``kvconvert.json``. An output that the engine cannot
-serve (PoD, projected keys, kvconvert's own per-layer code) must be refused by the engine with
-the checkpoint's own reason; then the check fails and says so. See docs/check.md.
+the engine's KV cache (vLLM: capacity in tokens; llama.cpp: bytes) against ``kvconvert.json``.
+An output that the engine cannot serve (PoD, projected keys, kvconvert's own per-layer code)
+must be refused by the engine with a reason; then the check fails and says so. See
+docs/check.md.
 """
 
 from __future__ import annotations
