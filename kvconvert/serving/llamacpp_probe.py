@@ -2,9 +2,9 @@
 
     python llamacpp_probe.py REQUEST.json RESULT.json
 
-A standalone script like ``vllm_probe.py`` (same request and result shapes): it imports only the
-``llama_cpp`` bindings, numpy and the standard library, and runs with the interpreter of the
-environment that has them (``kvconvert check --engine llama.cpp --python``). The request adds
+A standalone script like ``vllm_probe.py``: it imports only the ``llama_cpp`` bindings, numpy,
+the standard library and ``protocol.py``, and runs with the interpreter of the environment
+that has them (``kvconvert check --engine llama.cpp --python``). The request adds
 ``llama_cpp_tree``, a llama.cpp source tree: its ``convert_hf_to_gguf.py`` writes the GGUF
 (in the checkpoint's dtype), exactly as a user converts. llama.cpp loads it twice. First as a
 user serves it, with flash attention on (without it llama.cpp pads per-layer value caches to
@@ -16,14 +16,14 @@ the model's own arithmetic. See docs/check.md.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import traceback
 from pathlib import Path
+
+from protocol import serve  # protocol.py beside this script: its folder is on sys.path
 
 OUTTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 #: llama.cpp logs the cache size in MiB with two decimals: measure at 10 MiB or more (0.05%)
@@ -32,11 +32,6 @@ CACHE_LINE = re.compile(
     r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*?K \((\w+)\): +([\d.]+) MiB, "
     r"V \((\w+)\): +([\d.]+) MiB"
 )
-
-
-def messages(e: BaseException) -> list[str]:
-    text = " ".join(str(e).split())
-    return [f"{type(e).__name__}: {text}" if text else type(e).__name__]
 
 
 def convert(tree: Path, folder: str, dtype: str, out: Path) -> str | None:
@@ -139,19 +134,5 @@ def run(req: dict, res: dict) -> None:
     llm.close()
 
 
-def main() -> None:
-    with open(sys.argv[1]) as f:
-        req = json.load(f)
-    res: dict = {"folder": req.get("folder")}
-    try:
-        run(req, res)
-    except ImportError as e:  # the engine is not installed in this interpreter
-        res = {"missing": messages(e)[0], "python": sys.executable}
-    except Exception as e:  # noqa: BLE001 - a failure while running: reported, never lost
-        res["error"] = {"messages": messages(e), "traceback": traceback.format_exc()[-4000:]}
-    with open(sys.argv[2], "w") as f:
-        json.dump(res, f)
-
-
 if __name__ == "__main__":
-    main()
+    serve(run)

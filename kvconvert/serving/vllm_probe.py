@@ -2,9 +2,10 @@
 
     python vllm_probe.py REQUEST.json RESULT.json
 
-This file imports only vLLM and the standard library: ``kvconvert check --engine vllm`` and
-``benchmarks/vllm_check.py`` run it with the interpreter of the environment where vLLM is
-installed (``--python``), which need not have kvconvert. The request says what to do:
+This file imports only vLLM, the standard library and ``protocol.py`` beside it:
+``kvconvert check --engine vllm`` and ``benchmarks/vllm_check.py`` run it with the interpreter
+of the environment where vLLM is installed (``--python``), which need not have kvconvert.
+The request says what to do:
 
 - ``folder``, ``dtype``, ``max_model_len``, ``kv_space_gib`` (whole GiB of KV cache:
   ``VLLM_CPU_KVCACHE_SPACE`` on CPU, ``kv_cache_memory_bytes`` on GPU),
@@ -23,22 +24,10 @@ docs/serving.md.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-import traceback
 
-
-def messages(e: BaseException) -> list[str]:
-    """The exception and its causes, outermost first, one line each."""
-    out, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = " ".join(str(e).split())
-        out.append(f"{type(e).__name__}: {text}" if text else type(e).__name__)
-        e = e.__cause__ or e.__context__
-    return out
+from protocol import serve  # protocol.py beside this script: its folder is on sys.path
 
 
 def capacity(llm) -> dict:  # noqa: ANN001 - vllm.LLM
@@ -151,19 +140,5 @@ def run(req: dict, res: dict) -> None:
         res["speed"] = speed(llm, req["speed"], mc.get_vocab_size())
 
 
-def main() -> None:
-    with open(sys.argv[1]) as f:
-        req = json.load(f)
-    res: dict = {"folder": req.get("folder")}
-    try:
-        run(req, res)
-    except ImportError as e:  # the engine is not installed in this interpreter
-        res = {"missing": messages(e)[0], "python": sys.executable}
-    except Exception as e:  # noqa: BLE001 - a failure while running: reported, never lost
-        res["error"] = {"messages": messages(e), "traceback": traceback.format_exc()[-4000:]}
-    with open(sys.argv[2], "w") as f:
-        json.dump(res, f)
-
-
 if __name__ == "__main__":  # vLLM's workers may start by spawn: this module must not rerun
-    main()
+    serve(run)
