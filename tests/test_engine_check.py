@@ -245,3 +245,15 @@ def test_real_llama_cpp_runs_gqa_and_refuses_pod(tmp_path):
     res = check_engine(pod, "llama.cpp", llama_cpp=LLAMA_CPP)
     assert "Model KVConvertPodForCausalLM is not supported" in res.line()
     assert "llama.cpp has no converter for kvconvert's own model code" in res.line()
+
+
+def test_each_card_says_which_engines_serve_it(outputs):
+    """The card's Serving paragraph matches what the engines do with the output."""
+    cards = {k: (folder / "README.md").read_text() for k, folder in outputs.items()}
+    assert "**Serving.** vLLM, SGLang and llama.cpp serve it as the source" in cards["gqa"]
+    for kind in ("perlayer", "project"):
+        assert "**Serving.** Only transformers runs it" in cards[kind]
+        assert "vLLM stops at start-up with that reason" in cards[kind]
+    assert "**Serving.** Only transformers runs PoD" in cards["pod"]
+    for card in cards.values():
+        assert "`kvconvert check FOLDER --engine vllm`" in card
