@@ -59,16 +59,17 @@ def answers(
         ids = tok(story, return_tensors="pt")
         gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
         new = gen[0, ids["input_ids"].shape[1] :]
-        out.append(story + " " + " ".join(tok.decode(new, skip_special_tokens=True).split()))
+        out.append("... " + " ".join(tok.decode(new, skip_special_tokens=True).split()))
         ids_out.append(new.tolist())
     return out, ids_out
 
 
 def markdown(prompts: list[str], table: dict[str, tuple[list[str], list[list[int]]]]) -> str:
-    """One row per prompt, one column per model; the last row is each model's rep-4."""
+    """One row per prompt, one column per model (the first is the original); the last row is
+    each model's rep-4."""
     from kvconvert.repetition import repetition
 
-    names = [Path(m).name for m in table]
+    names = ["original", *(Path(m).name for m in list(table)[1:])]
     lines = ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, prompt in enumerate(prompts):
         cells = [got[0][i].replace("|", "\\|") for got in table.values()]
