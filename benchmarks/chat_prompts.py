@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kvconvert import repetition
+
 PROMPTS = (
     "What is the capital of France?",
     "What is 12 plus 7?",
@@ -28,10 +30,7 @@ PROMPTS = (
     "Write a short poem about the sea.",
     "Explain in one sentence what a computer is.",
 )
-STORIES = (
-    "Once upon a time, in a small village by the sea,",
-    "The old lighthouse keeper had not spoken to anyone in years, until",
-)
+STORIES = repetition.STORIES[:2]  # the first two of kvconvert eval's story openings
 
 
 @torch.inference_mode()
@@ -67,14 +66,12 @@ def answers(
 def markdown(prompts: list[str], table: dict[str, tuple[list[str], list[list[int]]]]) -> str:
     """One row per prompt, one column per model (the first is the original); the last row is
     each model's rep-4."""
-    from kvconvert.repetition import repetition
-
     names = ["original", *(Path(m).name for m in list(table)[1:])]
     lines = ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, prompt in enumerate(prompts):
         cells = [got[0][i].replace("|", "\\|") for got in table.values()]
         lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
-    shares = [repetition(got[1])["repeated_4grams"] for got in table.values()]
+    shares = [repetition.repetition(got[1])["repeated_4grams"] for got in table.values()]
     lines.append("| repeated 4-grams | " + " | ".join(f"{r:.0%}" for r in shares) + " |")
     return "\n".join(lines) + "\n"
 

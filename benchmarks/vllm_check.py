@@ -69,35 +69,27 @@ def interpreter(args: argparse.Namespace) -> str:
     return str(python)
 
 
-def chat_ids(folder: Path) -> list[list[int]]:
+def chat_prompts(folder: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
+    from kvconvert.repetition import chat_ids
+
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-        )
-        for p in CHAT
-    ]
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [chat_ids(tok, p) for p in CHAT]
 
 
 @torch.inference_mode()
 def compare(model, prompts, continuations, new_tokens, windows, engine_rows) -> dict:  # noqa: ANN001
     """Greedy agreement and prompt log-probs: vLLM's against transformers' on the same ids."""
-    same = agree = total = 0
+    from kvconvert.enginecheck import greedy_agreement, token_logprobs
+
+    cpu = torch.device("cpu")
+    same = 0
     for prompt, new in zip(prompts, continuations, strict=True):
-        ids = torch.tensor([prompt])
-        ours = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)  # eos stops both
-        same += ours[0, len(prompt) :].tolist() == list(new)
-        lp = model(torch.tensor([prompt + list(new)]), use_cache=False).logits.float()
-        lp = lp.log_softmax(-1)[0, len(prompt) - 1 : -1]
-        picked = lp.gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
-        agree += int((lp.max(-1).values - picked <= 1e-3).sum())
-        total += len(new)
-    lp = torch.cat([model(w[None], use_cache=False).logits.float() for w in windows])
-    lp = lp.log_softmax(-1)
-    ours = lp[:, :-1].gather(-1, windows[:, 1:, None]).squeeze(-1)
+        ours = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+        same += ours[0, len(prompt) :].tolist() == list(new)  # eos stops both
+    agree, total, _ = greedy_agreement(model, prompts, continuations, cpu, 1e-3)
+    ours = token_logprobs(model, windows.tolist(), cpu)
     theirs = torch.tensor([[float(x) for x in row[1:]] for row in engine_rows])
     diff = (ours - theirs).abs()
     return {
@@ -147,7 +139,7 @@ def main() -> None:
     windows = tokenize_documents(
         load_documents(args.data), tokenizer, args.num_samples, args.seq_len, seed=1234
     )
-    prompts = chat_ids(args.folders[0])
+    prompts = chat_prompts(args.folders[0])
     rows, base = [], None
     for folder in args.folders:
         request = {

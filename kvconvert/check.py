@@ -98,22 +98,10 @@ def check(
         raise KVConvertError(f"new_tokens: must be at least 1, got {new_tokens}")
     dev = device_of(device)
     try:
-        path = resolve_folder(str(folder), progress)
-        config = read_json(path / "config.json", required=True)
-        remote = "auto_map" in config
-        if trust_remote_code is None:
-            trust_remote_code = Path(folder).is_dir() and (path / "kvconvert.json").is_file()
-        if remote and not trust_remote_code:
-            raise KVConvertError(
-                "it ships its own model code (auto_map in config.json); pass "
-                "--trust-remote-code to run it"
-            )
-        with progress_bars(progress):
-            model = load_model(path, dev, trust_remote_code=remote)
+        path, config, model, report = open_output(folder, dev, trust_remote_code, progress)
         res.model_class = type(model).__name__
         res.prompt_tokens = prompt_length(config)
         prompt = prompt_ids(path, config, model, res.prompt_tokens).to(dev)
-        report = read_json(path / "kvconvert.json")
     except KVConvertError as e:
         res.problems.append(str(e))
         return res
@@ -138,6 +126,27 @@ def _stage(res: CheckResult, what: str, fn: Any) -> None:
 
 
 # --- loading ----------------------------------------------------------------------------------
+def open_output(
+    folder: str | Path, device: torch.device, trust_remote_code: bool | None, progress: bool
+) -> tuple[Path, dict[str, Any], torch.nn.Module, dict[str, Any] | None]:
+    """The folder (fetched if a Hub id), its config, the model loaded as a user would, and its
+    ``kvconvert.json`` (None without one). Shipped model code runs when ``trust_remote_code``
+    is True or, when it is None, for a local folder kvconvert wrote; raises KVConvertError."""
+    path = _resolve(str(folder), progress)
+    config = _read_json(path / "config.json", required=True)
+    remote = "auto_map" in config
+    if trust_remote_code is None:
+        trust_remote_code = Path(folder).is_dir() and (path / "kvconvert.json").is_file()
+    if remote and not trust_remote_code:
+        raise KVConvertError(
+            "it ships its own model code (auto_map in config.json); pass "
+            "--trust-remote-code to run it"
+        )
+    with _progress_bars(progress):
+        model = _load(path, device, trust_remote_code=remote)
+    return path, config, model, _read_json(path / "kvconvert.json")
+
+
 def device_of(name: str) -> torch.device:
     from .loading import resolve_device
 
@@ -148,7 +157,7 @@ def device_of(name: str) -> torch.device:
 
 
 @contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
+def _progress_bars(enabled: bool) -> Iterator[None]:
     """transformers' "Loading weights" bar, on or off for the block (then as it was)."""
     from transformers.utils import logging as hf_logging
 
@@ -162,14 +171,14 @@ def progress_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def resolve_folder(name: str, progress: bool) -> Path:
+def _resolve(name: str, progress: bool) -> Path:
     from .source import resolve_source
 
     # *.py files of a Hub repo are fetched; they run only if config.json has an auto_map
     return resolve_source(name, None, trust_remote_code=True, progress=progress)
 
 
-def read_json(path: Path, required: bool = False) -> dict[str, Any] | None:
+def _read_json(path: Path, required: bool = False) -> dict[str, Any] | None:
     if not path.is_file():
         if required:
             raise KVConvertError(f"no {path.name} in {path.parent}")
@@ -180,7 +189,7 @@ def read_json(path: Path, required: bool = False) -> dict[str, Any] | None:
         raise KVConvertError(f"{path.name} is not valid JSON: {e}") from e
 
 
-def load_model(folder: Path, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
+def _load(folder: Path, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
@@ -206,7 +215,7 @@ def prompt_length(config: dict[str, Any]) -> int:
 def special_ids(folder: Path, config: dict[str, Any], model: Any) -> set[int]:
     """Token ids a prompt should not contain: the configs' bos/eos/pad, the tokenizer's."""
     out: set[int] = set()
-    gen = read_json(folder / "generation_config.json") or {}
+    gen = _read_json(folder / "generation_config.json") or {}
     text = config.get("text_config") or {}
     for source in (config, text, gen, model.generation_config.to_dict()):
         for key in SPECIAL_KEYS:

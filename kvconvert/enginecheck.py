@@ -24,16 +24,7 @@ from typing import Any
 
 import torch
 
-from .check import (
-    device_of,
-    load_model,
-    one_line,
-    progress_bars,
-    prompt_ids,
-    prompt_length,
-    read_json,
-    resolve_folder,
-)
+from .check import device_of, one_line, open_output, prompt_ids, prompt_length
 from .errors import KVConvertError
 from .promise import BYTES_TOLERANCE
 from .report import DTYPE_BYTES
@@ -175,21 +166,9 @@ def check_engine(
     )
     dev = device_of(device)
     try:
-        path = resolve_folder(str(folder), False)
-        config = read_json(path / "config.json", required=True)
-        report = read_json(path / "kvconvert.json")
-        remote = "auto_map" in config
-        if trust_remote_code is None:
-            trust_remote_code = Path(folder).is_dir() and report is not None
-        if remote and not trust_remote_code:
-            raise KVConvertError(
-                "it ships its own model code (auto_map in config.json); pass "
-                "--trust-remote-code to run it"
-            )
         # transformers first: the engine is slow to start, and a folder that transformers
         # cannot load is reported the same way as `kvconvert check` reports it
-        with progress_bars(False):
-            model = load_model(path, dev, trust_remote_code=remote)
+        path, config, model, report = open_output(folder, dev, trust_remote_code, False)
         res.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         length = prompt_length(config)
         ids = prompt_ids(path, config, model, length, rows=4)
@@ -205,7 +184,7 @@ def check_engine(
         "dtype": res.dtype,
         "max_model_len": model_length(config, length + new_tokens),
         "kv_space_gib": kv_space_gib,
-        "trust_remote_code": bool(remote),
+        "trust_remote_code": "auto_map" in config,
         "greedy": {"prompts": prompts, "new_tokens": new_tokens},
         "prompt_logprobs": {"sequences": sequences},
     }
@@ -301,11 +280,42 @@ def _tolerance(res: EngineCheckResult) -> float:
 
 
 @torch.inference_mode()
-def _logprobs(model: Any, rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """(rows, tokens, vocab) float32 log-probs of one uncached forward per row."""
-    ids = torch.tensor(rows, device=device)
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    return torch.log_softmax(logits, -1)
+def token_logprobs(model: Any, rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """(rows, tokens - 1) float32 log-prob of every token after the ones before it, one
+    uncached forward per row (so one row's logits over the vocabulary at a time)."""
+    out = []
+    for row in rows:
+        ids = torch.tensor([row], device=device)
+        lp = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)[0, :-1]
+        out.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
+    return torch.stack(out)
+
+
+@torch.inference_mode()
+def greedy_agreement(
+    model: Any,
+    prompts: list[list[int]],
+    continuations: list[list[int]],
+    device: torch.device,
+    tolerance: float,
+) -> tuple[int, int, tuple[int, int, int, int] | None]:
+    """How many engine tokens are transformers' argmax after the same prefix (a token within
+    ``tolerance`` of the top log-prob counts: a tie); of how many; and the first that is not,
+    as (prompt, new token, engine's id, transformers' id)."""
+    agree = total = 0
+    first_bad = None
+    for row, (prompt, new) in enumerate(zip(prompts, continuations, strict=True)):
+        t = len(prompt)
+        ids = torch.tensor([prompt + list(new)], device=device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, t - 1 : t + len(new) - 1]
+        lp = logits.float().log_softmax(-1)
+        picked = lp.gather(-1, ids[0, t:, None]).squeeze(-1)
+        ok = lp.max(-1).values - picked <= tolerance
+        agree, total = agree + int(ok.sum()), total + len(new)
+        if first_bad is None and not bool(ok.all()):
+            i = int((~ok).nonzero()[0])
+            first_bad = (row, i, int(new[i]), int(lp[i].argmax()))
+    return agree, total, first_bad
 
 
 def _compare_greedy(
@@ -316,18 +326,9 @@ def _compare_greedy(
     device: torch.device,
 ) -> None:
     """Each engine token must be transformers' argmax after the same prefix (ties allowed)."""
-    tol = _tolerance(res)
-    agree = total = 0
-    first_bad = None
-    for row, (prompt, new) in enumerate(zip(prompts, continuations, strict=True)):
-        t = len(prompt)
-        lp = _logprobs(model, [prompt + list(new)], device)[0, t - 1 : t + len(new) - 1]
-        picked = lp.gather(-1, torch.tensor(new, device=lp.device)[:, None]).squeeze(-1)
-        ok = lp.max(-1).values - picked <= tol
-        agree, total = agree + int(ok.sum()), total + len(new)
-        if first_bad is None and not bool(ok.all()):
-            i = int((~ok).nonzero()[0])
-            first_bad = (row, i, int(new[i]), int(lp[i].argmax()))
+    agree, total, first_bad = greedy_agreement(
+        model, prompts, continuations, device, _tolerance(res)
+    )
     res.greedy_agreeing, res.greedy_tokens = agree, total
     if first_bad is not None:
         row, i, got, want = first_bad
@@ -345,9 +346,7 @@ def _compare_logprobs(
     device: torch.device,
 ) -> None:
     """The log-prob of every prompt token after the ones before it, engine vs transformers."""
-    lp = _logprobs(model, sequences, device)
-    ids = torch.tensor(sequences, device=lp.device)
-    ours = lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
+    ours = token_logprobs(model, sequences, device)
     theirs = torch.tensor([[float(x) for x in row[1:]] for row in engine_rows])
     diff = (ours - theirs).abs()
     res.logprob_max_diff, res.logprob_mean_diff = float(diff.max()), float(diff.mean())

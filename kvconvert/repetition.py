@@ -45,15 +45,19 @@ def prompt_ids(tokenizer: Any | None, data: torch.Tensor) -> tuple[str, list[lis
         rows = data[:8, :DATA_PROMPT_TOKENS].tolist()
         return f"the first {DATA_PROMPT_TOKENS} tokens of {len(rows)} evaluation sequences", rows
     out = [list(tokenizer(text)["input_ids"]) for text in STORIES]
-    for text in (*INSTRUCTIONS, *CHAT):
-        if getattr(tokenizer, "chat_template", None):
-            chat = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
-            out.append(list(tokenizer(chat, add_special_tokens=False)["input_ids"]))
-        else:
-            out.append(list(tokenizer(f"Question: {text}\nAnswer:")["input_ids"]))
+    out += [chat_ids(tokenizer, text) for text in (*INSTRUCTIONS, *CHAT)]
     return "3 story openings, 2 instructions, 3 chat questions", out
+
+
+def chat_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as one user turn of the tokenizer's chat template, ready for the assistant's
+    answer (a plain "Question: ... Answer:" where the tokenizer has no template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(f"Question: {text}\nAnswer:")["input_ids"])
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer(chat, add_special_tokens=False)["input_ids"])
 
 
 def eos_ids(model: torch.nn.Module) -> set[int]:
