@@ -7,6 +7,7 @@ process (rank 0 of 1), so the same code runs both ways.
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import Any
@@ -45,7 +46,18 @@ def dist_setup(device: torch.device) -> tuple[int, int]:
         if device.type == "cuda":
             torch.cuda.set_device(local_device(device))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        atexit.register(_leave)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave() -> None:
+    """Destroy the process group while the interpreter is still whole. Left to interpreter
+    shutdown, gloo's worker threads can outlive it, and the rank dies with SIGABRT
+    ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(world: int) -> None:
