@@ -147,6 +147,55 @@ def test_interrupt_leaves_output_untouched_and_resume_matches(converted, tmp_pat
     assert json.loads((out / "kvconvert.json").read_text())["heal"][0]["steps"] == 12
 
 
+def test_on_policy_trains_on_the_students_own_text_and_resumes_exactly(
+    converted, tmp_path, monkeypatch
+):
+    """--on-policy 0.5: half of each micro-batch is the student's continuation of the first
+    quarter of a training sequence, written by the student as it is at that step; the run
+    differs from one on the training text alone, and an interrupted run resumes to the
+    same weights (the student's text is seeded by its place in the run)."""
+    import kvconvert.heal.run as run_mod
+
+    seen = []
+    real = run_mod.HealRun.loss_on
+
+    def spy(self, ids):
+        seen.append(ids.clone())
+        return real(self, ids)
+
+    monkeypatch.setattr(run_mod.HealRun, "loss_on", spy)
+    kw = dict(steps=6, save_every=0, lr=1e-2)
+    plain = heal(_opts(converted, tmp_path / "plain", **kw), progress=False)
+    text = [ids.clone() for ids in seen]
+    seen.clear()
+    full = heal(_opts(converted, tmp_path / "full", on_policy=0.5, **kw), progress=False)
+    assert len(seen) == len(text) == 6
+    for own, given in zip(seen, text, strict=True):
+        assert torch.equal(own[2:], given[2:])  # the other half: the training text
+        assert torch.equal(own[:2, :8], given[:2, :8])  # the prompt: its first quarter
+        assert not torch.equal(own[:2, 8:], given[:2, 8:])  # the rest: the student's
+    a, b = load_file(plain / "model.safetensors"), load_file(full / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert (
+        json.loads((full / "kvconvert.json").read_text())["heal"][0]["options"]["on_policy"] == 0.5
+    )
+
+    def stop_at_3(run, step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        heal(_opts(converted, out, on_policy=0.5, **kw), False, None, stop_at_3)
+    with pytest.raises(KVConvertError, match="differs in on_policy"):
+        heal(_opts(converted, out, resume=True, **kw), False)
+    resumed = heal(_opts(converted, out, on_policy=0.5, resume=True, **kw), False)
+    c = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    with pytest.raises(KVConvertError, match="on_policy: a share"):
+        heal(_opts(converted, tmp_path / "bad", on_policy=1.5), False)
+
+
 def test_convert_with_heal_steps_cli(tiny_models, tmp_path):
     out = tmp_path / "o"
     args = [str(tiny_models["mistral"]), "--kv-heads", "2", "-o", str(out), "-q"]

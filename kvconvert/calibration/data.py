@@ -228,22 +228,41 @@ def sample_from_model(
     for start in range(0, num_samples, batch_size):
         bs = min(batch_size, num_samples - start)
         draws = sequence_uniforms(seed, first + start, bs, seq_len - 1).to(device)
-        ids = torch.full((bs, 1), int(bos_token_id), dtype=torch.long, device=device)
-        seq = [ids]
-        cache = None
-        for t in range(seq_len - 1):
-            res = model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
-            cache = output_cache(res)
-            cdf = torch.softmax(res.logits[:, -1].double(), dim=-1).cumsum(-1)
-            u = (draws[:, t] * cdf[:, -1]).unsqueeze(-1)
-            ids = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
-            seq.append(ids)
-            if estimate is not None:
-                estimate.update()
-        out.append(torch.cat(seq, dim=1))
+        bos = torch.full((bs, 1), int(bos_token_id), dtype=torch.long, device=device)
+        out.append(continue_sequences(model, bos, seq_len, draws, estimate))
         if progress is not None:
             progress.update(bs)
     return torch.cat(out, dim=0)
+
+
+def continue_sequences(
+    model: torch.nn.Module,
+    prefix: torch.Tensor,
+    seq_len: int,
+    draws: torch.Tensor,
+    estimate: Estimate | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``prefix`` (batch, p) continued by ``model`` to ``seq_len`` tokens with the KV cache:
+    token ``p + t`` of row j inverts the cumulative distribution (at ``temperature``) at
+    ``draws[j, t]`` (uniforms, (batch, >= seq_len - p)); temperature 0 is greedy. EOS does not
+    stop a row. Call it without gradients."""
+    ids, seq, cache = prefix, [prefix], None
+    for t in range(seq_len - prefix.shape[1]):
+        res = model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+        cache = output_cache(res)
+        logits = res.logits[:, -1].double()
+        if temperature == 0:
+            ids = logits.argmax(-1, keepdim=True)
+            seq.append(ids)
+            continue
+        cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+        u = (draws[:, t].to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+        ids = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        seq.append(ids)
+        if estimate is not None:
+            estimate.update()
+    return torch.cat(seq, dim=1)
 
 
 def batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

@@ -97,6 +97,20 @@ class HealOptions:
     hard_label_weight: float = option(
         0.0, "Weight of the next-token cross-entropy added to the KL (0: pure KL).", type=float
     )
+    on_policy: float = option(
+        0.0,
+        "Share of each micro-batch's sequences that the converted model writes itself at "
+        "that step: it continues the first quarter of a training sequence (sampled, T=1) and "
+        "is trained on the original's distributions over its own text, the prefixes its "
+        "greedy loops start from (0: off; docs/heal.md).",
+        type=float,
+    )
+    on_policy_temperature: float = option(
+        1.0,
+        "Sampling temperature of the --on-policy text (0: greedy, the text a greedy decoder "
+        "shows users, loops included).",
+        type=float,
+    )
     calibration: str = option(
         "self",
         "Training text: 'self' (sampled from the original from BOS), a .txt file or folder, a "
@@ -151,6 +165,14 @@ class HealOptions:
             raise KVConvertError(f"warmup: a fraction of --steps in [0, 1), got {self.warmup!r}")
         if not 0 <= self.final_lr <= 1:
             raise KVConvertError(f"final_lr: a fraction of --lr in [0, 1], got {self.final_lr!r}")
+        if not 0 <= self.on_policy <= 1:
+            raise KVConvertError(
+                f"on_policy: a share of each micro-batch in [0, 1], got {self.on_policy!r}"
+            )
+        if self.on_policy_temperature < 0:
+            raise KVConvertError(
+                f"on_policy_temperature: must be >= 0, got {self.on_policy_temperature!r}"
+            )
         if self.weight_decay < 0 or self.hard_label_weight < 0:
             raise KVConvertError("weight_decay and hard_label_weight must be >= 0")
         if self.lora and self.train == "all":

@@ -41,9 +41,11 @@ from tqdm.auto import tqdm
 
 from .. import report as report_mod
 from ..calibration.data import (
+    continue_sequences,
     decode_batch,
     load_documents,
     sample_from_model,
+    sequence_uniforms,
     tokenize_documents,
     vocab_size,
 )
@@ -69,6 +71,9 @@ STATE_VERSION = 1
 #: where their caches would not fit ``decode_batch``'s budget); also the unit Ctrl-C keeps. On
 #: SmolLM2-135M (2 CPU threads) a token costs 6.1 ms at 32 per batch, 4.5 ms at 128 and 256.
 SAMPLE_BATCH = 128
+#: Added to --seed for the uniforms of the student's own text (--on-policy), so that they are
+#: not the training text's.
+ON_POLICY_SEED = 7919
 
 Callback = Callable[["HealRun", int, float], None]
 
@@ -358,6 +363,33 @@ class HealRun:
             pos += take
         return self.tokens[rows]
 
+    def own_text(self, ids: torch.Tensor, k: int) -> torch.Tensor:
+        """Micro-batch ``k`` with its first ``--on-policy`` share of rows rewritten by the
+        student as it is now: each keeps its first quarter (the prompt) and the student
+        writes the rest (at ``--on-policy-temperature``, from uniforms seeded by the row's
+        place in the run, so a resumed run writes the same text). The KL on these rows
+        teaches the student the original's next-token distributions after its own text,
+        which teacher-written text never shows it (docs/heal.md, "--on-policy")."""
+        o = self.opts
+        n = round(o.on_policy * ids.shape[0])
+        if n == 0:
+            return ids
+        prompt = max(1, ids.shape[1] // 4)
+        draws = sequence_uniforms(o.seed + ON_POLICY_SEED, k * ids.shape[0], n, ids.shape[1])
+        self.student.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                own = continue_sequences(
+                    self.student,
+                    ids[:n, :prompt].to(self.device),
+                    ids.shape[1],
+                    draws,
+                    temperature=o.on_policy_temperature,
+                )
+        finally:
+            self.student.train()
+        return torch.cat([own.cpu(), ids[n:]])
+
     # --- training -------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -407,7 +439,7 @@ class HealRun:
                     k = (self.step * o.grad_accum + m) * self.world + self.rank
                     last = m == o.grad_accum - 1
                     with self._sync(last):  # gradients are all-reduced once, after the last
-                        loss = self.loss_on(self.micro_batch(k))
+                        loss = self.loss_on(self.own_text(self.micro_batch(k), k))
                         self.scaler.scale(loss / o.grad_accum).backward()
                     total += loss.detach() / o.grad_accum
                 self.scaler.step(self.optimizer)

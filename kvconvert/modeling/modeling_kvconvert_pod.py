@@ -342,6 +342,28 @@ class PodCacheLayer(CacheLayerMixin):
         self.runs = head_runs(pod_map, layer_idx)
         #: per name ("keys", "values"): the buffer the tensor is a view of, with spare room
         self.room: dict[str, torch.Tensor] = {}
+        #: per name ("keys", "values", "window"): where a prefill's tokens go (``reserve``)
+        self.reserved: dict[str, torch.Tensor] = {}
+
+    def reserve(self, new_keys: torch.Tensor, new_values: torch.Tensor, kept: int) -> None:
+        """Allocate what a prefill into this empty layer will hold, shaped after the first
+        layer's new keys and values (batch, heads, tokens, head_dim): owned keys and values of
+        every token, and the borrowing heads' ``kept`` window slots."""
+        b, _, q, d = new_keys.shape
+        dv, n = new_values.shape[-1], len(self.owned) + len(self.borrowing)
+        like = {"dtype": new_keys.dtype, "device": new_keys.device}
+        self.reserved = {"values": torch.empty(b, n, q, dv, **like)}
+        if self.owned:
+            self.reserved["keys"] = torch.empty(b, len(self.owned), q, d, **like)
+        if self.borrowing and kept:
+            self.reserved["window"] = torch.empty(b, len(self.borrowing), kept, d, **like)
+
+    def into_reserved(self, name: str, new: torch.Tensor) -> torch.Tensor | None:
+        """``new`` copied into the buffer reserved for it, if one of its shape is."""
+        buf = self.reserved.pop(name, None)
+        if buf is None or buf.shape != new.shape or buf.dtype != new.dtype:
+            return None
+        return buf.copy_(new)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -377,7 +399,8 @@ class PodCacheLayer(CacheLayerMixin):
         t, q = held.shape[2], new.shape[2]
         if t == 0:
             self.room.pop(name, None)
-            return first_fill(new)
+            kept = self.into_reserved(name, new)
+            return kept if kept is not None else first_fill(new)
         frozen = room is not None and room.is_inference() and not torch.is_inference_mode_enabled()
         if room is None or frozen or t + q > room.shape[2]:
             room = held.new_empty(*held.shape[:2], t + q + max(16, (t + q) // 128), held.shape[3])
@@ -408,7 +431,7 @@ class PodCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.window_keys = None
-        self.room = {}
+        self.room, self.reserved = {}, {}
         self.is_initialized = False
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -463,6 +486,7 @@ class PodCache(Cache):
         self.keep: torch.Tensor | None = None
         self.aligned = True
         self.past = self.length = 0
+        self.reserve_pending = False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -485,6 +509,7 @@ class PodCache(Cache):
                 f"(cached + new) or {q} (new)"
             )
         self.past, self.length = past, total
+        self.reserve_pending = past == 0 and q > 1 and not torch.is_grad_enabled()
         new = torch.arange(past, total, device=device)
         if self.aligned:  # one host sync per forward
             real = padding_mask is None or bool(padding_mask[:, -q:].all())
@@ -514,6 +539,10 @@ class PodCache(Cache):
     def end(self) -> None:
         """After a forward: drop what only its layers needed."""
         self.window_slots = self.keep = None
+        self.reserve_pending = False
+        for layer in self.layers:
+            if isinstance(layer, PodCacheLayer):
+                layer.reserved.clear()
 
     def kept_spans(self, total: int) -> list[tuple[int, int]]:
         """Aligned: the slots an upper layer's window keeps after ``total`` tokens (sink and
@@ -539,10 +568,23 @@ class PodCache(Cache):
         kept = spans_of(old, self.window_index(max(0, self.length - self.recent), self.length))
         if kept.shape[2] < old.shape[2]:
             same = kept.untyped_storage().data_ptr() == old.untyped_storage().data_ptr()
-            layer.window_keys = kept.clone() if same else kept
+            into = layer.into_reserved("window", kept)
+            layer.window_keys = into if into is not None else kept.clone() if same else kept
+        layer.reserved.clear()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """Store a layer's new tokens; return what the layer holds (``attend`` reads it)."""
+        """Store a layer's new tokens; return what the layer holds (``attend`` reads it).
+
+        The first update of a prefill into an empty cache (without gradients) allocates what
+        every layer will hold, before any layer's attention runs: allocated one by one between
+        each layer's temporaries, the cache's tensors would pin freed memory around them (with
+        glibc's heap on a CPU, 1.3x the resident memory of the same prefill; docs/pod.md)."""
+        if self.reserve_pending:
+            self.reserve_pending = False
+            kept = sum(b - a for a, b in self.kept_spans(self.length)) if self.aligned else 0
+            for layer in self.layers:
+                if isinstance(layer, PodCacheLayer) and not layer.is_initialized:
+                    layer.reserve(key_states, value_states, kept)
         return self.layers[layer_idx].update(key_states, value_states)
 
     # -- attention --------------------------------------------------------------------------

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 import kvconvert
-from kvconvert.calibration.data import load_documents, sample_from_model, tokenize_documents
+from kvconvert.calibration.data import (
+    continue_sequences,
+    load_documents,
+    sample_from_model,
+    sequence_uniforms,
+    tokenize_documents,
+)
 from kvconvert.errors import KVConvertError
 from tests.conftest import load
 
@@ -130,6 +136,29 @@ def test_self_sampling_follows_the_model_distribution(tiny_models):
     freq = torch.bincount(first, minlength=probs.numel()).double() / first.numel()
     assert (freq - probs).abs().max() < 0.025  # about 4 standard errors at p = 0.1
     assert probs.max() > 0.05  # the check is not vacuous: some token is likely
+
+
+@torch.inference_mode()
+def test_continuing_a_prompt_with_the_cache_equals_sampling_without_it(tiny_models):
+    """``continue_sequences`` (heal --on-policy) keeps the prompt, and each token it adds is
+    the one a full forward over the text so far gives at the same uniform: the cached
+    decoding samples the model's own distribution after that prompt."""
+    m = load(tiny_models["llama"])
+    prompt = torch.randint(
+        3, m.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1)
+    )
+    draws = sequence_uniforms(5, 0, 3, 16)
+    out = continue_sequences(m, prompt, 16, draws)
+    assert out.shape == (3, 16) and torch.equal(out[:, :5], prompt)
+    for t in range(5, 16):
+        cdf = torch.softmax(m(input_ids=out[:, :t]).logits[:, -1].double(), -1).cumsum(-1)
+        u = (draws[:, t - 5] * cdf[:, -1]).unsqueeze(-1)
+        expected = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        assert torch.equal(out[:, t : t + 1], expected), t
+    greedy = continue_sequences(m, prompt, 16, draws, temperature=0)
+    for t in range(5, 16):
+        expected = m(input_ids=greedy[:, :t]).logits[:, -1].argmax(-1)
+        assert torch.equal(greedy[:, t], expected), t
 
 
 def test_sampling_batch_fits_the_cache_budget(tiny_models, monkeypatch):
