@@ -248,17 +248,17 @@ def continue_sequences(
     ``draws[j, t]`` (uniforms, (batch, >= seq_len - p)); temperature 0 is greedy. EOS does not
     stop a row. Call it without gradients."""
     ids, seq, cache = prefix, [prefix], None
+    draws = draws.to(prefix.device)
     for t in range(seq_len - prefix.shape[1]):
         res = model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
         cache = output_cache(res)
         logits = res.logits[:, -1].double()
         if temperature == 0:
             ids = logits.argmax(-1, keepdim=True)
-            seq.append(ids)
-            continue
-        cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
-        u = (draws[:, t].to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-        ids = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        else:
+            cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+            u = (draws[:, t] * cdf[:, -1]).unsqueeze(-1)
+            ids = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
         seq.append(ids)
         if estimate is not None:
             estimate.update()

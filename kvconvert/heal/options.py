@@ -100,9 +100,9 @@ class HealOptions:
     on_policy: float = option(
         0.0,
         "Share of each micro-batch's sequences that the converted model writes itself at "
-        "that step: it continues the first quarter of a training sequence (sampled, T=1) and "
-        "is trained on the original's distributions over its own text, the prefixes its "
-        "greedy loops start from (0: off; docs/heal.md).",
+        "that step: it continues the first quarter of a training sequence (at "
+        "--on-policy-temperature) and is trained on the original's distributions over its "
+        "own text, the prefixes its greedy loops start from (0: off; docs/heal.md).",
         type=float,
     )
     on_policy_temperature: float = option(

@@ -583,6 +583,7 @@ class PodCache(Cache):
         if self.reserve_pending:
             self.reserve_pending = False
             kept = sum(b - a for a, b in self.kept_spans(self.length)) if self.aligned else 0
+            kept = kept if kept < self.length else 0  # a window evicts nothing: none reserved
             for layer in self.layers:
                 if isinstance(layer, PodCacheLayer) and not layer.is_initialized:
                     layer.reserve(key_states, value_states, kept)
