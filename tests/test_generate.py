@@ -12,6 +12,7 @@ argument (``generate()`` passed ``cache=``, which the remote code ignored).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,3 +135,40 @@ def test_generate_equals_uncached_argmax(outputs, kind, attn):
             f"{kind} ({attn}, batch {seq.shape[0]}): {len(bad)} of "
             f"{seq.shape[0] * NEW_TOKENS} generated tokens differ: {bad[:3]}"
         )
+
+
+POD_KINDS = [(k, a) for k in KINDS if k.endswith("pod") for a in IMPLS[k]]
+
+
+@pytest.mark.parametrize(("kind", "attn"), POD_KINDS, ids=lambda x: str(x))
+def test_pod_prefill_in_pieces_equals_one_piece(outputs, kind, attn, monkeypatch):
+    """A PoD prompt longer than the model code's ``PREFILL`` runs through the model in pieces
+    (its activations are one piece's): on every PoD architecture, for a left-padded batch, its
+    logits are the one-piece forward's, and ``generate()`` from it decodes as the uncached
+    forward does."""
+    out = outputs(kind)
+    model = load(out, trust_remote_code=True, attn_implementation=attn)
+    module = sys.modules[type(model).__module__]
+    vocab = model.config.vocab_size
+    ids = token_ids(2, 30, seed=3, vocab=vocab)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    args = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+    with torch.no_grad():
+        whole = model(**args).logits
+        monkeypatch.setattr(module, "PREFILL", 7)
+        pieces = model(**args).logits
+        seq = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=EOS,
+        )
+    assert (pieces - whole).abs().max() < 1e-5
+    monkeypatch.undo()  # the uncached forward in one piece
+    full_mask = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
+    bad = disagreements(model, seq, full_mask, 30)
+    assert not bad, f"{kind} ({attn}): {bad[:3]}"

@@ -69,7 +69,11 @@ CACHE_FIELD = (
     else "past_key_values"
 )
 
-#: queries per chunk of a prefill: the masks and scores of one chunk are (chunk x keys)
+#: a longer prefill runs through the whole model in pieces of this many tokens, each attending
+#: to the cache the earlier ones filled, so its activations (MLP, projections) are those of one
+#: piece, not of the whole prompt
+PREFILL = 1024
+#: queries per chunk of a layer's attention: the masks and scores of one chunk are (chunk x keys)
 CHUNK = 512
 #: queries per piece of a chunk's recent-window part (a band: each sees recent + 1 keys)
 NEAR = 64
@@ -130,6 +134,7 @@ def attend(
     lse: bool = True,
     causal: bool = False,
     fold: bool = True,
+    band: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``query`` (batch, kv * g, q, d) over ``key``/``value`` (batch, kv, k, d).
 
@@ -140,7 +145,9 @@ def attend(
     query rows, so the keys are not repeated per query head; a causal part, or a masked one
     with ``fold=False`` (a few keys, where folding would repeat a long mask instead), repeats
     them. ``backend`` "eager" is the stock eager arithmetic (soft-capping, float32 softmax);
-    "sdpa" uses torch's fused kernels where they give what is needed.
+    "sdpa" uses torch's fused kernels where they give what is needed. ``band``: in place of
+    ``mask``, on the fused path only, an additive mask already laid out for the folded rows
+    (1, 1, g * q, k) (``PodCache.band``: made once per forward, not per call).
     """
     b, hq, q, _ = query.shape
     kv = key.shape[1]
@@ -176,7 +183,7 @@ def attend(
             k = key.shape[2]
             mask = mask.expand(mask.shape[0], g, q, k).reshape(mask.shape[0], 1, g * q, k)
     if fused:
-        bias = None
+        bias = band
         if mask is not None:
             zero = torch.zeros((), dtype=query.dtype, device=query.device)
             bias = torch.where(mask, zero, float("-inf"))
@@ -184,6 +191,8 @@ def attend(
             out, row_lse = CPU_FLASH(rows, key, value, dropout, causal, attn_mask=bias, scale=scale)
         except (RuntimeError, TypeError):  # a torch whose private operator differs: math
             fused = False
+            if band is not None:
+                mask = band == 0
     if not fused:  # math: the stock eager arithmetic, with the log-sum-exp kept
         if causal:
             mask = torch.ones(q, key.shape[2], dtype=torch.bool, device=query.device).tril()
@@ -344,12 +353,18 @@ class PodCacheLayer(CacheLayerMixin):
         self.room: dict[str, torch.Tensor] = {}
         #: per name ("keys", "values", "window"): where a prefill's tokens go (``reserve``)
         self.reserved: dict[str, torch.Tensor] = {}
+        #: tokens held once a prefill in pieces ends (``PodCache.prefill_total``; 0: none)
+        self.expect = 0
 
-    def reserve(self, new_keys: torch.Tensor, new_values: torch.Tensor, kept: int) -> None:
-        """Allocate what a prefill into this empty layer will hold, shaped after the first
-        layer's new keys and values (batch, heads, tokens, head_dim): owned keys and values of
-        every token, and the borrowing heads' ``kept`` window slots."""
-        b, _, q, d = new_keys.shape
+    def reserve(
+        self, new_keys: torch.Tensor, new_values: torch.Tensor, tokens: int, kept: int
+    ) -> None:
+        """Allocate what a prefill of ``tokens`` into this empty layer will hold, shaped after
+        the first layer's new keys and values (batch, heads, new tokens, head_dim): owned keys
+        and values of every token, and the borrowing heads' ``kept`` window slots. A prefill
+        in pieces fills the keys and values piece by piece (``grow``)."""
+        b, _, _, d = new_keys.shape
+        q = tokens
         dv, n = new_values.shape[-1], len(self.owned) + len(self.borrowing)
         like = {"dtype": new_keys.dtype, "device": new_keys.device}
         self.reserved = {"values": torch.empty(b, n, q, dv, **like)}
@@ -391,7 +406,9 @@ class PodCacheLayer(CacheLayerMixin):
     def grow(self, name: str, new: torch.Tensor) -> torch.Tensor:
         """``keys`` or ``values`` with ``new`` appended along the token axis.
 
-        A prefill into an empty cache is kept as it is (no copy). Decoding writes into spare
+        A prefill into an empty cache is kept as it is (no copy) or copied into what
+        ``reserve`` allocated for it; a prefill in pieces fills that buffer piece by piece
+        (``PodCausalLMMixin.forward``). Decoding writes into spare
         room at the end of a buffer (``room``), about 1% of the tokens held, so that a step
         does not copy every earlier token, as ``torch.cat`` would; the cache then holds at
         most that 1% more than its tokens."""
@@ -399,11 +416,22 @@ class PodCacheLayer(CacheLayerMixin):
         t, q = held.shape[2], new.shape[2]
         if t == 0:
             self.room.pop(name, None)
-            kept = self.into_reserved(name, new)
-            return kept if kept is not None else first_fill(new)
+            buf = self.reserved.pop(name, None)
+            fits = (
+                buf is not None
+                and buf.dtype == new.dtype
+                and buf.shape[2] >= q
+                and buf.shape[:2] + buf.shape[3:] == new.shape[:2] + new.shape[3:]
+            )
+            if not fits:
+                return first_fill(new)
+            if buf.shape[2] == q:
+                return buf.copy_(new)
+            self.room[name] = room = buf  # the first piece of a prefill in pieces
         frozen = room is not None and room.is_inference() and not torch.is_inference_mode_enabled()
         if room is None or frozen or t + q > room.shape[2]:
-            room = held.new_empty(*held.shape[:2], t + q + max(16, (t + q) // 128), held.shape[3])
+            size = max(t + q + max(16, (t + q) // 128), self.expect)  # pieces: room for all
+            room = held.new_empty(*held.shape[:2], size, held.shape[3])
             room[:, :, :t] = held
             self.room[name] = room
         room[:, :, t : t + q] = new
@@ -487,6 +515,10 @@ class PodCache(Cache):
         self.aligned = True
         self.past = self.length = 0
         self.reserve_pending = False
+        #: tokens a prefill in pieces will have cached after its last piece (0: not in pieces)
+        self.prefill_total = 0
+        #: this forward's band masks (``band``)
+        self.bands: dict[tuple, torch.Tensor] = {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -540,6 +572,7 @@ class PodCache(Cache):
         """After a forward: drop what only its layers needed."""
         self.window_slots = self.keep = None
         self.reserve_pending = False
+        self.bands = {}
         for layer in self.layers:
             if isinstance(layer, PodCacheLayer):
                 layer.reserved.clear()
@@ -582,12 +615,17 @@ class PodCache(Cache):
         2048-token prefill; docs/pod.md)."""
         if self.reserve_pending:
             self.reserve_pending = False
+            tokens = max(self.length, self.prefill_total)
             kept = sum(b - a for a, b in self.kept_spans(self.length)) if self.aligned else 0
             kept = kept if kept < self.length else 0  # a window evicts nothing: none reserved
+            kept = kept if tokens == self.length else 0  # in pieces a window stays small
             for layer in self.layers:
                 if isinstance(layer, PodCacheLayer) and not layer.is_initialized:
-                    layer.reserve(key_states, value_states, kept)
-        return self.layers[layer_idx].update(key_states, value_states)
+                    layer.reserve(key_states, value_states, tokens, kept)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, PodCacheLayer):
+            layer.expect = self.prefill_total
+        return layer.update(key_states, value_states)
 
     # -- attention --------------------------------------------------------------------------
     def attend(
@@ -634,6 +672,19 @@ class PodCache(Cache):
                 self._split(dest, rows, own, far, values, *args)
         self.evict(layer)
         return result
+
+    def band(self, g: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The additive mask of ``n`` queries over the ``recent + n`` keys just before and at
+        them, past the sink: query i sees keys i..i + recent. Laid out for ``g`` folded query
+        heads (1, 1, g * n, recent + n); made once per forward and shape (``end`` drops it)."""
+        key = (g, n, like.dtype, like.device)
+        if key not in self.bands:
+            i = torch.arange(n, device=like.device)[:, None]
+            j = torch.arange(n + self.recent, device=like.device)[None, :]
+            bias = torch.zeros(n, n + self.recent, dtype=like.dtype, device=like.device)
+            bias.masked_fill_((j < i) | (j > i + self.recent), float("-inf"))
+            self.bands[key] = bias.expand(g, *bias.shape).reshape(1, 1, g * n, -1)
+        return self.bands[key]
 
     def _chunks(self, query: torch.Tensor, math: bool) -> list[tuple[int, int]]:
         """Slot ranges [s0, s1) of the new tokens, a chunk of queries each."""
@@ -690,6 +741,15 @@ class PodCache(Cache):
             if whole is not None:
                 dest.copy_(whole[0].transpose(1, 2))
                 return
+            if fused_lse(query, backend, softcap):  # a later piece of a prefill: no masks
+                for s0, s1 in self._chunks(query, False):
+                    rows = query[:, :, s0 - past : s1 - past]
+                    square = key[:, :, s0:s1], value[:, :, s0:s1]
+                    parts = [attend(rows, *square, None, scale, backend, None, dropout, True, True)]
+                    earlier = key[:, :, :s0], value[:, :, :s0]  # every query sees all of these
+                    parts.append(attend(rows, *earlier, None, scale, backend, None, dropout))
+                    dest[:, s0 - past : s1 - past] = merge(parts).transpose(1, 2)
+                return
         for s0, s1 in self._chunks(query, backend == "eager" or softcap is not None):
             k0 = max(first_slot, 0 if window is None else s0 - window + 1)
             kslots = torch.arange(k0, s1, device=query.device)
@@ -728,15 +788,14 @@ class PodCache(Cache):
         g = query.shape[1] // far.shape[1]
         bias = None if shift is None or not any(shift) else head_shift(shift, g, device)
 
-        def add(rows, keys, vals, mask, distant, causal=False, fold=True, into=None):
+        def add(rows, keys, vals, mask, distant, causal=False, fold=True, into=None, band=None):
             """Append the part(s) of these keys to ``into`` (default: ``parts``)."""
             into = parts if into is None else into
             done = None
             if distant and mask is None and not causal and not math:
                 done = attend_pieces(rows, keys, vals, scale)  # decoding over many keys
-            for out, lse in done or [
-                attend(rows, keys, vals, mask, scale, backend, softcap, dropout, True, causal, fold)
-            ]:
+            how = (backend, softcap, dropout, True, causal, fold, band)
+            for out, lse in done or [attend(rows, keys, vals, mask, scale, *how)]:
                 into.append((out, lse + bias) if distant and bias is not None else (out, lse))
 
         for s0, s1 in self._chunks(query, math):
@@ -746,7 +805,9 @@ class PodCache(Cache):
             if self.aligned and window is None:
                 # distant: sink <= j <= s - recent - 1 for the query at slot s. Every query of
                 # the chunk sees [sink, b0); the band [b0, e) after it is causal when square
-                b0, e = max(sink, s0 - recent - 1), s1 - recent - 1
+                # (one query, decoding: no band, it sees all of [sink, e))
+                e = s1 - recent - 1
+                b0 = max(sink, e if s1 - s0 == 1 else s0 - recent - 1)
                 if b0 > sink:
                     add(rows, far[:, :, sink:b0], values[:, :, sink:b0], None, True)
                 if e > b0 and b0 == s0 - recent - 1:  # key b0 + j for query s0 + i: j <= i
@@ -774,12 +835,15 @@ class PodCache(Cache):
                     t1 = min(s1, t0 + NEAR)
                     a = max(lo, t0 - recent)
                     keys = window_keys[:, :, w0 + a - lo : w0 + t1 - lo], values[:, :, a:t1]
+                    sub = rows[:, :, t0 - s0 : t1 - s0]
+                    if not math and a == t0 - recent >= sink and t1 - t0 > 1:  # a full band
+                        add(sub, *keys, None, False, into=pieces, band=self.band(g, t1 - t0, rows))
+                        continue
                     mask = None
                     if t1 - t0 > 1:
                         k = torch.arange(a, t1, device=device)[None, :]
                         at = qslots[t0 - s0 : t1 - s0]
                         mask = ((k <= at) & ((k < sink) | (at - k <= recent)))[None, None]
-                    sub = rows[:, :, t0 - s0 : t1 - s0]
                     add(sub, *keys, mask, False, fold=False, into=pieces)
                 if len(pieces) == 1:
                     parts.append(pieces[0])
@@ -951,23 +1015,90 @@ class PodCausalLMMixin:
         if position_ids is None:
             position_ids = self.pod_position_ids(attention_mask, past, length, ref.device)
         position_ids = position_ids.expand(batch, -1)
+        keep = kwargs.get("logits_to_keep", 0)
+        in_pieces = (
+            length > PREFILL
+            and not torch.is_grad_enabled()
+            and isinstance(keep, int)
+            and kwargs.get("labels") is None
+            and not kwargs.get("output_hidden_states")
+            and not kwargs.get("output_attentions")
+            and kwargs.get("return_dict") is not False
+        )
+        if not in_pieces:
+            out = self.pod_step(
+                cache, input_ids, attention_mask, position_ids, inputs_embeds, use_cache, kwargs
+            )
+        else:  # the same model, its activations those of one piece at a time
+            cache.prefill_total = past + length
+            logits = []
+            try:
+                for c0 in range(0, length, PREFILL):
+                    c1 = min(length, c0 + PREFILL)
+                    # logits wanted here: all (keep 0), or the last ``keep`` of the prompt
+                    want = c1 - c0 if keep == 0 else max(0, c1 - max(c0, length - keep))
+                    piece = {**kwargs, "logits_to_keep": max(want, 1)}  # 0 would mean all
+                    slots = kwargs.get("cache_position")  # older callers pass one per token
+                    if isinstance(slots, torch.Tensor) and slots.shape[-1] == length:
+                        piece["cache_position"] = slots[..., c0:c1]
+                    out = self.pod_step(
+                        cache,
+                        None if input_ids is None else input_ids[:, c0:c1],
+                        self.pod_piece_mask(attention_mask, past, length, c0, c1),
+                        position_ids[:, c0:c1],
+                        None if inputs_embeds is None else inputs_embeds[:, c0:c1],
+                        use_cache,
+                        piece,
+                    )
+                    if want:
+                        logits.append(out.logits[:, -want:])
+            finally:
+                cache.prefill_total = 0
+            out.logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
+        if use_cache is False or (use_cache is None and not self.config.use_cache):
+            out[CACHE_FIELD] = None
+        return out
+
+    @staticmethod
+    def pod_piece_mask(
+        mask: torch.Tensor | None, past: int, length: int, c0: int, c1: int
+    ) -> torch.Tensor | None:
+        """The padding mask for new tokens [c0, c1) of a prefill in pieces: over every token
+        so far where the caller's covers cached and new ones, else over the piece's own."""
+        if mask is None or mask.shape[1] not in (past + length, length):
+            return mask  # none, or a mismatch that ``PodCache.begin`` names
+        return mask[:, : past + c1] if mask.shape[1] == past + length else mask[:, c0:c1]
+
+    def pod_step(
+        self,
+        cache: "PodCache",
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor | None,
+        use_cache: bool | None,
+        kwargs: dict,
+    ):
+        """One stock forward of new tokens over the PodCache."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        batch, length = ref.shape[:2]
+        past = cache.get_seq_length()
         cache.begin(position_ids, attention_mask)
         # A prepared 4D mask makes the stock model skip building its own; the PoD attention
         # ignores it. An expanded single element: no memory.
         placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ref.device)
-        out = super().forward(
-            input_ids=input_ids,
-            attention_mask=placeholder.expand(batch, 1, length, past + length),
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **{CACHE_ARG: cache},
-            **kwargs,
-        )
-        cache.end()
-        if use_cache is False or (use_cache is None and not self.config.use_cache):
-            out[CACHE_FIELD] = None
-        return out
+        try:
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=placeholder.expand(batch, 1, length, past + length),
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **{CACHE_ARG: cache},
+                **kwargs,
+            )
+        finally:
+            cache.end()
 
     def pod_position_ids(
         self, attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device

@@ -1,7 +1,8 @@
 """The PoD model code's split attention: distant and proximal parts merged by log-sum-exp,
 in query chunks, reading the block bottom's keys in place.
 
-Chunks are made small here (the module's ``CHUNK``) so that every path runs on tiny models:
+Chunks are made small here (the module's ``CHUNK``, and ``PREFILL``: a longer prompt runs
+through the model in pieces) so that every path runs on tiny models:
 the aligned path (no padding) with its full distant block, band and proximal parts, the
 per-row masked path (padding, shifted positions), the switch between them, and the public
 math fallback where torch's fused operator is absent or gradients are needed.
@@ -37,7 +38,7 @@ def patched(model, **values):
             setattr(module, k, v)
 
 
-SMALL = {"CHUNK": 5, "MATH_SCORES": 256}
+SMALL = {"CHUNK": 5, "MATH_SCORES": 256, "PREFILL": 13}
 
 
 @pytest.fixture
@@ -68,6 +69,40 @@ def test_chunked_prefill_and_continuation_equal_reference(biased_pod, family, im
         assert (got - want).abs().max() < 1e-5
     with patched(pod, **SMALL):
         assert (decode_logits(pod, ids, 11) - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_in_pieces_keeps_the_logits_asked_for(biased_pod, family, impl):
+    """A prompt longer than ``PREFILL`` runs in pieces: the logits ``logits_to_keep`` asks for
+    (all, the last few, the last one, more than a piece) are the one-piece forward's, and the
+    cache holds every token's keys once, ready to decode."""
+    src, pod, pod_map, bias = biased_pod(family, impl)
+    ids = token_ids(2, 40)
+    with torch.inference_mode():
+        whole = pod(input_ids=ids, use_cache=True)  # 40 < PREFILL: one piece
+        for keep in (0, 1, 3, 20):
+            with patched(pod, **SMALL):
+                out = pod(input_ids=ids, use_cache=True, logits_to_keep=keep)
+            want = whole.logits if keep == 0 else whole.logits[:, -keep:]
+            assert out.logits.shape == want.shape
+            assert (out.logits - want).abs().max() < 1e-5
+        assert out.past_key_values.get_seq_length() == 40
+        assert out.past_key_values.prefill_total == 0
+        assert cache_bytes(out.past_key_values) == cache_bytes(whole.past_key_values)
+        # in pieces onto a filled cache, the padding mask over new tokens only or over all
+        for cover in (31, 40):
+            first = pod(input_ids=ids[:, :9], use_cache=True)
+            with patched(pod, **SMALL):
+                rest = pod(
+                    input_ids=ids[:, 9:],
+                    attention_mask=torch.ones(2, cover, dtype=torch.long),
+                    past_key_values=first.past_key_values,
+                    use_cache=True,
+                )
+            assert (rest.logits - whole.logits[:, 9:]).abs().max() < 1e-5
+            # room for every piece made once, not grown piece by piece
+            assert cache_bytes(rest.past_key_values) == cache_bytes(whole.past_key_values)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
