@@ -688,7 +688,7 @@ def evaluate(
         del conv
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ref_bytes = results[0]["kv_bytes_per_token"]
+    ref_bytes = kv_ctx[0]  # at --context: PoD's saving depends on the context
     for j, entry in enumerate(results):
         tp = statistics.median(t[0] for t in times[j])
         td = statistics.median(t[1] for t in times[j])
@@ -697,7 +697,7 @@ def evaluate(
         entry["kv_bytes_over_promise"] = promised is not None and kv_ctx[j] > promised * (
             1 + BYTES_TOLERANCE
         )
-        entry["kv_ratio"] = entry["kv_bytes_per_token"] / ref_bytes if ref_bytes else None
+        entry["kv_ratio"] = kv_ctx[j] / ref_bytes if ref_bytes else None
         entry["ppl"] = math.exp(entry["nll"])
         entry["prefill_tok_s"] = context / tp
         entry["decode_tok_s"] = (settings.new_tokens - 1) / td if settings.new_tokens > 1 else None

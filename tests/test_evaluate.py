@@ -21,11 +21,13 @@ from kvconvert.evaluate import (
     evaluate,
     format_table,
     is_kvconvert_output,
+    kv_cache_bytes,
     passkey_prompt,
     plot_figure,
     write_plot,
 )
-from tests.conftest import FAST, ROOT
+from kvconvert.promise import expected_bytes
+from tests.conftest import FAST, ROOT, load
 
 SMALL = dict(num_samples=2, seq_len=16, context=40, new_tokens=4, repeats=1, trials=1, depths="0,1")
 SMALL_FLAGS = [
@@ -304,3 +306,10 @@ def test_record_writes_fidelity_into_report_and_card(tiny_models, tmp_path):
         for key in ("greedy_repeated_4grams", "original_greedy_distinct_2"):
             assert 0 <= measured[key] <= 1
             assert f"| {key.replace('_', ' ')} | {measured[key]:.4g} |" in card
+    # the KV ratio is the one at --context: PoD's saving, which one token does not show
+    pod_report = json.loads((pod / "kvconvert.json").read_text())
+    orig = load(src)
+    promised, _ = expected_bytes(pod_report, orig.config, 40, torch.float32)
+    dense = kv_cache_bytes(orig, torch.zeros(1, 40, dtype=torch.long))
+    ratio = pod_report["evaluation"]["kv_cache_ratio"]
+    assert ratio < 1 and ratio == pytest.approx(promised / dense, abs=1e-4)
