@@ -353,8 +353,6 @@ class PodCacheLayer(CacheLayerMixin):
         self.room: dict[str, torch.Tensor] = {}
         #: per name ("keys", "values", "window"): where a prefill's tokens go (``reserve``)
         self.reserved: dict[str, torch.Tensor] = {}
-        #: tokens held once a prefill in pieces ends (``PodCache.prefill_total``; 0: none)
-        self.expect = 0
 
     def reserve(
         self, new_keys: torch.Tensor, new_values: torch.Tensor, tokens: int, kept: int
@@ -364,21 +362,30 @@ class PodCacheLayer(CacheLayerMixin):
         and values of every token, and the borrowing heads' ``kept`` window slots. A prefill
         in pieces fills the keys and values piece by piece (``grow``)."""
         b, _, _, d = new_keys.shape
-        q = tokens
         dv, n = new_values.shape[-1], len(self.owned) + len(self.borrowing)
         like = {"dtype": new_keys.dtype, "device": new_keys.device}
-        self.reserved = {"values": torch.empty(b, n, q, dv, **like)}
+        self.reserved = {"values": torch.empty(b, n, tokens, dv, **like)}
         if self.owned:
-            self.reserved["keys"] = torch.empty(b, len(self.owned), q, d, **like)
+            self.reserved["keys"] = torch.empty(b, len(self.owned), tokens, d, **like)
         if self.borrowing and kept:
             self.reserved["window"] = torch.empty(b, len(self.borrowing), kept, d, **like)
 
+    def reserved_for(self, name: str, new: torch.Tensor) -> torch.Tensor | None:
+        """The buffer reserved under ``name`` (taken out of ``reserved``) if ``new`` fits in it:
+        same dtype and shape but for at least as many tokens."""
+        buf = self.reserved.pop(name, None)
+        fits = (
+            buf is not None
+            and buf.dtype == new.dtype
+            and buf.shape[2] >= new.shape[2]
+            and buf.shape[:2] + buf.shape[3:] == new.shape[:2] + new.shape[3:]
+        )
+        return buf if fits else None
+
     def into_reserved(self, name: str, new: torch.Tensor) -> torch.Tensor | None:
         """``new`` copied into the buffer reserved for it, if one of its shape is."""
-        buf = self.reserved.pop(name, None)
-        if buf is None or buf.shape != new.shape or buf.dtype != new.dtype:
-            return None
-        return buf.copy_(new)
+        buf = self.reserved_for(name, new)
+        return buf.copy_(new) if buf is not None and buf.shape == new.shape else None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -388,27 +395,31 @@ class PodCacheLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(b, value_states.shape[1], 0, value_states.shape[-1])
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append new tokens: owned heads' keys, borrowing heads' keys (window), all values."""
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, expect: int = 0, **kwargs
+    ):
+        """Append new tokens: owned heads' keys, borrowing heads' keys (window), all values.
+        ``expect``: the tokens held once a prefill in pieces ends (0: not in pieces)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.owned:
             new = key_states if not self.borrowing else key_states[:, self.owned]
-            self.keys = self.grow("keys", new)
+            self.keys = self.grow("keys", new, expect)
         if self.borrowing:
             new = key_states if not self.owned else key_states[:, self.borrowing]
             held = self.window_keys
             empty = held.shape[2] == 0
             self.window_keys = first_fill(new) if empty else torch.cat([held, new], dim=-2)
-        self.values = self.grow("values", value_states)
+        self.values = self.grow("values", value_states, expect)
         return self.keys, self.values
 
-    def grow(self, name: str, new: torch.Tensor) -> torch.Tensor:
+    def grow(self, name: str, new: torch.Tensor, expect: int = 0) -> torch.Tensor:
         """``keys`` or ``values`` with ``new`` appended along the token axis.
 
         A prefill into an empty cache is kept as it is (no copy) or copied into what
         ``reserve`` allocated for it; a prefill in pieces fills that buffer piece by piece
-        (``PodCausalLMMixin.forward``). Decoding writes into spare
+        (``PodCausalLMMixin.forward``; onto a filled cache, room is made once for the
+        ``expect`` tokens it will hold). Decoding writes into spare
         room at the end of a buffer (``room``), about 1% of the tokens held, so that a step
         does not copy every earlier token, as ``torch.cat`` would; the cache then holds at
         most that 1% more than its tokens."""
@@ -416,21 +427,15 @@ class PodCacheLayer(CacheLayerMixin):
         t, q = held.shape[2], new.shape[2]
         if t == 0:
             self.room.pop(name, None)
-            buf = self.reserved.pop(name, None)
-            fits = (
-                buf is not None
-                and buf.dtype == new.dtype
-                and buf.shape[2] >= q
-                and buf.shape[:2] + buf.shape[3:] == new.shape[:2] + new.shape[3:]
-            )
-            if not fits:
+            buf = self.reserved_for(name, new)
+            if buf is None:
                 return first_fill(new)
             if buf.shape[2] == q:
                 return buf.copy_(new)
             self.room[name] = room = buf  # the first piece of a prefill in pieces
         frozen = room is not None and room.is_inference() and not torch.is_inference_mode_enabled()
         if room is None or frozen or t + q > room.shape[2]:
-            size = max(t + q + max(16, (t + q) // 128), self.expect)  # pieces: room for all
+            size = max(t + q + max(16, (t + q) // 128), expect)  # pieces: room for all
             room = held.new_empty(*held.shape[:2], size, held.shape[3])
             room[:, :, :t] = held
             self.room[name] = room
@@ -624,7 +629,7 @@ class PodCache(Cache):
                     layer.reserve(key_states, value_states, tokens, kept)
         layer = self.layers[layer_idx]
         if isinstance(layer, PodCacheLayer):
-            layer.expect = self.prefill_total
+            return layer.update(key_states, value_states, expect=self.prefill_total)
         return layer.update(key_states, value_states)
 
     # -- attention --------------------------------------------------------------------------
@@ -1032,13 +1037,13 @@ class PodCausalLMMixin:
         else:  # the same model, its activations those of one piece at a time
             cache.prefill_total = past + length
             logits = []
+            slots = kwargs.get("cache_position")  # older callers pass one per token
             try:
                 for c0 in range(0, length, PREFILL):
                     c1 = min(length, c0 + PREFILL)
                     # logits wanted here: all (keep 0), or the last ``keep`` of the prompt
                     want = c1 - c0 if keep == 0 else max(0, c1 - max(c0, length - keep))
                     piece = {**kwargs, "logits_to_keep": max(want, 1)}  # 0 would mean all
-                    slots = kwargs.get("cache_position")  # older callers pass one per token
                     if isinstance(slots, torch.Tensor) and slots.shape[-1] == length:
                         piece["cache_position"] = slots[..., c0:c1]
                     out = self.pod_step(
