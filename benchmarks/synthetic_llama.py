@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kvconvert.recipe import parse_size
+from kvconvert.options import parse_size
 from kvconvert.writer import ShardedWriter
 
 

@@ -16,7 +16,8 @@ import click
 from .errors import KeptProgress, KVConvertError
 from .evalsettings import EvalSettings
 from .heal.options import HealOptions
-from .recipe import DEVICES, LOCAL_ONLY, Recipe, load_recipe_file
+from .options import DEVICES
+from .recipe import LOCAL_ONLY, Recipe, load_recipe_file
 
 
 class DefaultToConvert(click.Group):

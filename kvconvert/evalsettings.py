@@ -1,6 +1,6 @@
 """EvalSettings: every option of ``kvconvert eval`` in one validated object.
 
-Kept apart from ``evaluate.py`` (which imports torch) so that the CLI builds its flags and
+Kept apart from ``kvconvert.evaluate`` (which imports torch) so that the CLI builds its flags and
 checks them without importing torch (``kvconvert eval --help`` answers at once).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import KVConvertError
-from .recipe import DEVICES, DTYPES, check_choices_and_threads, option, threads_option
+from .options import DEVICES, DTYPES, check_choices_and_threads, option, threads_option
 
 
 @dataclass

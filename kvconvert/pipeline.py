@@ -28,7 +28,7 @@ from .enginecheck import check_engine
 from .engines import sequential, whole
 from .errors import KVConvertError
 from .evaluate import evaluate
-from .heal import HealOptions, heal_options_from
+from .heal import HealOptions
 from .heal import heal as heal_run
 from .inspection import inspect_model
 from .loading import command_line, quiet_libraries, resolve_device, set_threads
@@ -151,7 +151,7 @@ def convert_and_heal(recipe: Recipe, progress: bool = True, command: str | None 
     rank, world = dist_setup(local_device(resolve_device(recipe.device)))
     tag = from_rank0(os.getpid(), world)  # under torchrun every rank heals the same folder
     staged = output.parent / f".{output.name}.kvconvert-unhealed-{tag}"
-    opts = heal_options_from(recipe, str(staged)).validate()
+    opts = recipe.heal_options(str(staged)).validate()
     try:
         convert(
             replace(recipe, output=str(staged), overwrite=True, heal_steps=0), progress, command

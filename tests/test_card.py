@@ -8,7 +8,7 @@ import shutil
 import yaml
 
 import kvconvert
-from kvconvert.report import model_card
+from kvconvert.gqa.card import model_card
 from tests.conftest import FAST
 
 SOURCE_CARD = """---

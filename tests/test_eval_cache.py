@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import kvconvert
 import kvconvert.calibration.data as data_mod
-import kvconvert.evaluate as evaluate_mod
+import kvconvert.evaluate.run as evaluate_mod  # where evaluate() looks its probes up
 from kvconvert.cli import main
 from kvconvert.evalcache import CACHE_FORMAT, EvalCache, cache_dir
 from kvconvert.evaluate import EvalSettings, evaluate

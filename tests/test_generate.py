@@ -148,7 +148,7 @@ def test_pod_prefill_in_pieces_equals_one_piece(outputs, kind, attn, monkeypatch
     forward does."""
     out = outputs(kind)
     model = load(out, trust_remote_code=True, attn_implementation=attn)
-    module = sys.modules[type(model).__module__]
+    module = sys.modules[type(model).forward.__module__]  # the PoD core, with PREFILL
     vocab = model.config.vocab_size
     ids = token_ids(2, 30, seed=3, vocab=vocab)
     mask = torch.ones_like(ids)

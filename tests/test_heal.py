@@ -70,15 +70,15 @@ def test_short_heal_samples_only_what_it_trains_on(converted, tmp_path, monkeypa
     """3 steps of 4 sequences read 12: the default 2048 are not sampled (a short heal stays
     short); the held-out sequences are still made."""
     calls = []
-    import kvconvert.heal.run as run_mod
+    import kvconvert.heal.data as data_mod
 
-    real = run_mod.sample_from_model
+    real = data_mod.sample_from_model
 
     def counting(model, bos, n, *args, **kwargs):
         calls.append(n)
         return real(model, bos, n, *args, **kwargs)
 
-    monkeypatch.setattr(run_mod, "sample_from_model", counting)
+    monkeypatch.setattr(data_mod, "sample_from_model", counting)
     out = heal(_opts(converted, tmp_path / "h", steps=3, num_samples=2048), progress=False)
     assert calls == [3 * 4 + 4]
     (run,) = json.loads((out / "kvconvert.json").read_text())["heal"]
@@ -154,16 +154,16 @@ def test_on_policy_trains_on_the_students_own_text_and_resumes_exactly(
     quarter of a training sequence, written by the student as it is at that step; the run
     differs from one on the training text alone, and an interrupted run resumes to the
     same weights (the student's text is seeded by its place in the run)."""
-    import kvconvert.heal.run as run_mod
+    import kvconvert.heal.trainer as trainer_mod
 
     seen = []
-    real = run_mod.HealRun.loss_on
+    real = trainer_mod.Trainer.loss_on
 
     def spy(self, ids):
         seen.append(ids.clone())
         return real(self, ids)
 
-    monkeypatch.setattr(run_mod.HealRun, "loss_on", spy)
+    monkeypatch.setattr(trainer_mod.Trainer, "loss_on", spy)
     kw = dict(steps=6, save_every=0, lr=1e-2)
     plain = heal(_opts(converted, tmp_path / "plain", **kw), progress=False)
     text = [ids.clone() for ids in seen]
@@ -372,11 +372,11 @@ def test_ctrl_c_while_sampling_keeps_the_text_and_resume_continues(
 ):
     """Ctrl-C during the sampling of the training text keeps the batches sampled so far;
     --resume samples the rest and ends bit-identical to an uninterrupted run."""
-    import kvconvert.heal.run as run_mod
+    import kvconvert.heal.data as data_mod
 
-    monkeypatch.setattr(run_mod, "SAMPLE_BATCH", 8)  # 20 sequences: three batches
+    monkeypatch.setattr(data_mod, "SAMPLE_BATCH", 8)  # 20 sequences: three batches
     full = heal(_opts(converted, tmp_path / "full", steps=4), progress=False)
-    sample, calls = run_mod.sample_from_model, []
+    sample, calls = data_mod.sample_from_model, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -384,13 +384,13 @@ def test_ctrl_c_while_sampling_keeps_the_text_and_resume_continues(
             raise KeyboardInterrupt
         return sample(*args, **kwargs)
 
-    monkeypatch.setattr(run_mod, "sample_from_model", interrupted)
+    monkeypatch.setattr(data_mod, "sample_from_model", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         heal(_opts(converted, out, steps=4), progress=False)
     saved = torch.load(state_folder(out) / "sampled.pt", weights_only=True)
     assert len(saved["tokens"]) == 1 and not out.exists()
-    monkeypatch.setattr(run_mod, "sample_from_model", sample)
+    monkeypatch.setattr(data_mod, "sample_from_model", sample)
     with pytest.raises(KVConvertError, match="holds an interrupted heal; add --resume"):
         heal(_opts(converted, out, steps=4), progress=False)
     heal(_opts(converted, out, steps=4, resume=True), progress=False)

@@ -16,11 +16,12 @@ import yaml
 from click.testing import CliRunner
 
 import kvconvert
+from kvconvert.card import record_fidelity
 from kvconvert.cli import main
 from kvconvert.errors import KVConvertError
 from kvconvert.heal import HealOptions, heal
 from kvconvert.recipe import load_recipe_file
-from kvconvert.report import publishable, record_fidelity
+from kvconvert.report import publishable
 from tests.conftest import FAST, ROOT, interrupt_after_first_layer, tensors
 
 

@@ -161,3 +161,17 @@ def test_python_api_takes_a_recipe_and_overrides_it(tiny_models, tmp_path):
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 1
     recorded = load_recipe_file(out / "recipe.yaml")
     assert (recorded["method"], recorded["kv_heads"]) == ("mean", 1)
+
+
+OLD = sorted((ROOT / "tests" / "data").glob("recipe-7baca80-*.yaml"))
+
+
+@pytest.mark.parametrize("path", OLD, ids=[p.name for p in OLD])
+def test_recipe_written_before_the_option_groups_still_loads(path):
+    """recipe.yaml files written by kvconvert before each target declared its own options
+    (commit 7baca80) load into the same values, and write back the same keys."""
+    old = yaml.safe_load(path.read_text())
+    values = load_recipe_file(path)
+    assert values == old
+    recipe = Recipe(**{**values, "output": "out"}).validate()
+    assert yaml.safe_load(recipe_to_yaml(recipe)) == old

@@ -14,6 +14,7 @@ from .llama import LLAMA
 from .opt import OPT
 from .phi3 import PHI3
 from .qwen3 import QWEN3
+from .windows import held_tokens, sliding_windows
 
 _ADAPTERS: tuple[AttentionAdapter, ...] = (LLAMA, PHI3, QWEN3, GEMMA, GPT_NEOX, OPT, GPT2)
 
@@ -23,6 +24,11 @@ REGISTRY: dict[str, AttentionAdapter] = {mt: a for a in _ADAPTERS for mt in a.mo
 def supported_model_types() -> list[str]:
     """Model types with at least one conversion target (recognised-only layouts excluded)."""
     return sorted(mt for mt, a in REGISTRY.items() if a.outputs)
+
+
+def llama_decoder_types() -> tuple[str, ...]:
+    """Model types whose decoder kvconvert's Llama-family model code reproduces."""
+    return tuple(mt for mt, a in REGISTRY.items() if a.llama_decoder)
 
 
 def get_adapter(model_type: str | None) -> AttentionAdapter:
@@ -35,4 +41,12 @@ def get_adapter(model_type: str | None) -> AttentionAdapter:
     )
 
 
-__all__ = ["AttentionAdapter", "REGISTRY", "get_adapter", "supported_model_types"]
+__all__ = [
+    "AttentionAdapter",
+    "REGISTRY",
+    "get_adapter",
+    "held_tokens",
+    "llama_decoder_types",
+    "sliding_windows",
+    "supported_model_types",
+]

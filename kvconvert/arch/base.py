@@ -68,6 +68,10 @@ class AttentionAdapter:
     #: the modeling code a ``--target gqa`` output gets when no stock class has GQA for this
     #: architecture (``outputs["gqa"] == "kvconvert"``), or None.
     remote_family: RemoteFamily | None = None
+    #: whether kvconvert's Llama-family model code (``modeling_kvconvert.py``) reproduces this
+    #: decoder (RMSNorm, gated MLP, RoPE): what per-layer KV heads, ``--rope-keys project`` and
+    #: ``--refine-steps`` (which rebuilds a merged attention in-process) need.
+    llama_decoder: bool = False
     #: checkpoint tensor name -> the name in the loaded model, where transformers renames it
     #: when loading the stock class (GPT-NeoX: ``embed_out`` -> ``lm_head``); remote code is
     #: loaded without such renames, so a remote-code output stores the loaded name.

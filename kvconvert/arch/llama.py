@@ -11,5 +11,6 @@ LLAMA = AttentionAdapter(
     model_types=("llama", "mistral", "qwen2"),
     biases=("q", "k", "v", "o"),
     outputs={"gqa": "stock", "pod": "kvconvert", "gqa,pod": "kvconvert"},
+    llama_decoder=True,
     notes="separate q/k/v/o; RoPE rotate_half; q/k/v biases (qwen2, llama attention_bias)",
 )

@@ -14,9 +14,10 @@ import torch
 
 from ..calibration.data import calibration_info, calibration_tokens
 from ..loading import compute_dtype, load_model, output_dtype, resolve_device
-from ..recipe import Recipe, parse_size
+from ..options import parse_size
+from ..recipe import Recipe
 from ..source import Source
-from ..target import Target
+from ..target import RunInfo, Target
 from ..writer import ShardedWriter, atomic_output
 
 
@@ -55,5 +56,5 @@ def run(
         for name, tensor in target.tensors(device, out_dtype, progress):
             writer.add(name, tensor)
         shards = writer.finish()
-        target.finish(work, shards, calibration, out_dtype, command, t0, t_calib)
+        target.finish(RunInfo(work, shards, calibration, out_dtype, command, t0, t_calib))
     return output

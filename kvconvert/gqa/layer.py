@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..arch import llama_decoder_types
 from ..calibration.stats import LayerStats, weight_stats
+from ..errors import KVConvertError
+from ..recipe import Recipe
+from ..source import Source
+from . import budget as budget_mod
 from . import grouping as grouping_mod
 from .fold import AttentionWeights, fold_layer
 from .qknorm import normed_weight_stats, through_norms
@@ -121,3 +127,80 @@ def to_float64(w: AttentionWeights, device: torch.device | str) -> AttentionWeig
         for k, v in vars(w).items()
     }
     return AttentionWeights(**conv)
+
+
+# --- a source's layers, as the target solves them ---------------------------------------
+def check_kv_heads(src: Source, kv_heads: int) -> None:
+    kv = src.num_kv_heads
+    if kv_heads > kv or kv % kv_heads:
+        divisors = [g for g in range(1, kv + 1) if kv % g == 0]
+        raise KVConvertError(
+            f"--kv-heads {kv_heads} must divide the model's {kv} KV heads "
+            f"(choose one of {', '.join(map(str, divisors))})"
+        )
+
+
+def layer_counts(src: Source, recipe: Recipe) -> list[int]:
+    """KV heads per layer from --kv-heads or --kv-heads-per-layer (--kv-budget: all, for now)."""
+    if recipe.kv_heads_per_layer is not None:
+        counts = budget_mod.parse_heads_per_layer(
+            recipe.kv_heads_per_layer, src.num_layers, src.num_kv_heads
+        )
+    elif recipe.kv_budget is not None:
+        budget_mod.budget_heads(recipe.kv_budget, src.num_layers, src.num_kv_heads)
+        counts = [src.num_kv_heads] * src.num_layers
+    else:
+        check_kv_heads(src, recipe.kv_heads)
+        counts = [recipe.kv_heads] * src.num_layers
+    per_layer = needs_remote_code(recipe, counts) or recipe.kv_budget is not None
+    if per_layer and not src.adapter.llama_decoder:
+        raise KVConvertError(
+            "--rope-keys project and per-layer KV heads are not available for "
+            f"{src.config.get('model_type')!r} yet (supported: "
+            f"{', '.join(llama_decoder_types())})"
+        )
+    return counts
+
+
+def needs_remote_code(recipe: Recipe, counts: list[int]) -> bool:
+    """Per-layer head counts or projected keys: no stock class can load the result."""
+    return recipe.rope_keys == "project" or len(set(counts)) > 1
+
+
+def layer_shape(src: Source) -> LayerShape:
+    rope = src.adapter.rope_pairs(src.config)
+    return LayerShape(src.num_heads, src.num_kv_heads, src.head_dim, rope)
+
+
+def layer_weights(
+    src: Source, layer: int, read: Mapping[str, torch.Tensor] | None = None
+) -> AttentionWeights:
+    """Layer ``layer``'s attention tensors as the solver takes them (q/k/v/o cut apart)."""
+    return AttentionWeights.from_items(src.attention_items(layer, read))
+
+
+def layer_tensors(res: LayerResult) -> dict[str, torch.Tensor | None]:
+    """Module-relative names (q_proj.weight, ..., key_down) of a solved layer's tensors."""
+    out = {f"{k[0]}_proj.{k[2:]}": v for k, v in res.weights.items().items()}
+    if hasattr(res, "extra_tensors"):  # a run-time key projection (project.py)
+        out.update(res.extra_tensors())
+    return out
+
+
+def layer_record(res: LayerResult) -> dict[str, Any]:
+    """What kvconvert.json keeps of a solved layer (also the resume state's record)."""
+    out: dict[str, Any] = {
+        "groups": [list(g) for g in res.groups],
+        "key_error": res.key_error,
+        "value_error": res.value_error,
+    }
+    err = getattr(res, "refine_error", None)
+    if err is not None:
+        out["refine_error"] = {"before": err[0], "after": err[1]}
+    return out
+
+
+def check_finite(layer: int, new: Mapping[str, torch.Tensor | None]) -> None:
+    bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
+    if bad:
+        raise KVConvertError(f"layer {layer}: solved {', '.join(bad)} contain NaN/inf")

@@ -17,16 +17,21 @@ over that batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..calibration.samples import AttentionSamples
+from ..calibration.data import batches
+from ..calibration.samples import AttentionSamples, capture
 from ..distributed import sum_over_ranks
+from ..source import Source
 
 #: Tensors the refinement trains, by module-relative name, and their AttentionWeights role.
 #: A run-time key projection (``--rope-keys project``: key_down/query_down) stays as solved.
@@ -280,3 +285,68 @@ def _draw_rows(gen: torch.Generator, seq_len: int, n: int) -> torch.Tensor:
     if n >= seq_len:
         return torch.arange(seq_len)
     return torch.randperm(seq_len, generator=gen)[:n].sort().values
+
+
+@torch.no_grad()
+def refine_on_model(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    src: Source,
+    todo: list[int],
+    batch_size: int,
+    fit: Callable[[int, AttentionSamples, torch.nn.Module], Refined],
+    progress: bool,
+) -> dict[int, Refined]:
+    """Refine the layers ``todo`` of a loaded model (the whole-model engine): ``fit(i,
+    samples, attention)`` merges and fits layer ``i`` on what its original attention saw.
+
+    The calibration batches are pushed through the decoder layers one layer at a time (each
+    layer gets the keyword arguments the model's own forward gave it: masks differ between
+    sliding and full layers), so memory holds one layer's activations, not all.
+    """
+    device = next(model.parameters()).device
+    paths = [src.attention_path(i).rsplit(".", 1)[0] for i in range(todo[-1] + 1)]
+    layers = [model.get_submodule(p) for p in paths]  # the decoder layers up to the last
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
+
+    def grab(i: int) -> Callable[..., None]:
+        def hook(_mod: torch.nn.Module, args: tuple, kw: dict) -> None:
+            x = args[0] if args else kw["hidden_states"]
+            if i == 0:
+                hidden.append(x)
+            kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+            if i == len(layers) - 1:
+                raise _Enough
+
+        return hook
+
+    pre = [m.register_forward_pre_hook(grab(i), with_kwargs=True) for i, m in enumerate(layers)]
+    try:
+        for batch in batches(tokens, batch_size):
+            with contextlib.suppress(_Enough):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in pre:
+            h.remove()
+    refined: dict[int, Refined] = {}
+    bar = tqdm(total=len(todo), desc="refining layers", unit="layer", disable=not progress)
+    for i, layer in enumerate(layers):
+        attn = model.get_submodule(src.attention_path(i))
+        with capture(attn) as samples:
+            outs = [_hidden(layer(h, **kw)) for h, kw in zip(hidden, kwargs[i], strict=True)]
+        if i in todo:
+            with torch.enable_grad():
+                refined[i] = fit(i, samples, attn)
+            bar.update(1)
+        hidden = outs
+    bar.close()
+    return refined
+
+
+class _Enough(Exception):
+    """Raised by a hook once the layers to refine have their inputs: ends the forward."""
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out

@@ -9,19 +9,18 @@ keys. The method is in docs/methods.md.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import report as report_mod
+from ..arch import llama_decoder_types
 from ..calibration.data import batches
-from ..calibration.samples import AttentionSamples, capture
+from ..calibration.samples import AttentionSamples
 from ..calibration.stats import LayerStats, StatsCollector
 from ..compat import stamp_config
 from ..errors import KVConvertError
@@ -29,76 +28,30 @@ from ..modeling import DECI_FILES
 from ..modeling import export as remote
 from ..recipe import Recipe
 from ..source import Source
-from ..target import Target
+from ..target import LayerContext, RunInfo, SolvedLayer, Target
 from ..writer import cast_float, copy_side_files, write_json
 from . import budget as budget_mod
 from . import grouping as grouping_mod
 from . import refine as refine_mod
+from .card import write_recipe_and_card
 from .fold import AttentionWeights
-from .layer import LayerResult, LayerShape, merge_layer, to_float64
+from .layer import (
+    LayerResult,
+    check_finite,
+    layer_counts,
+    layer_record,
+    layer_shape,
+    layer_tensors,
+    layer_weights,
+    merge_layer,
+    needs_remote_code,
+    to_float64,
+)
 from .project import ProjectedLayerResult, RotatedStatsCollector, project_layer
-
-
-def check_kv_heads(src: Source, kv_heads: int) -> None:
-    kv = src.num_kv_heads
-    if kv_heads > kv or kv % kv_heads:
-        divisors = [g for g in range(1, kv + 1) if kv % g == 0]
-        raise KVConvertError(
-            f"--kv-heads {kv_heads} must divide the model's {kv} KV heads "
-            f"(choose one of {', '.join(map(str, divisors))})"
-        )
-
-
-def layer_counts(src: Source, recipe: Recipe) -> list[int]:
-    """KV heads per layer from --kv-heads or --kv-heads-per-layer (--kv-budget: all, for now)."""
-    if recipe.kv_heads_per_layer is not None:
-        counts = budget_mod.parse_heads_per_layer(
-            recipe.kv_heads_per_layer, src.num_layers, src.num_kv_heads
-        )
-    elif recipe.kv_budget is not None:
-        budget_mod.budget_heads(recipe.kv_budget, src.num_layers, src.num_kv_heads)
-        counts = [src.num_kv_heads] * src.num_layers
-    else:
-        check_kv_heads(src, recipe.kv_heads)
-        counts = [recipe.kv_heads] * src.num_layers
-    if needs_remote_code(recipe, counts) or recipe.kv_budget is not None:
-        model_type = src.config.get("model_type")
-        if model_type not in remote.SUPPORTED:
-            raise KVConvertError(
-                f"--rope-keys project and per-layer KV heads are not available for {model_type!r} "
-                f"yet (supported: {', '.join(remote.SUPPORTED)})"
-            )
-    return counts
-
 
 #: --refine-steps where the run calibrates: on SmolLM2 (3 -> 1 KV heads) 40 steps at the
 #: default lr take the layers' held-out output error from 0.60 to 0.24, 100 to 0.23.
 REFINE_STEPS = 50
-
-
-def needs_remote_code(recipe: Recipe, counts: list[int]) -> bool:
-    """Per-layer head counts or projected keys: no stock class can load the result."""
-    return recipe.rope_keys == "project" or len(set(counts)) > 1
-
-
-def layer_shape(src: Source) -> LayerShape:
-    rope = src.adapter.rope_pairs(src.config)
-    return LayerShape(src.num_heads, src.num_kv_heads, src.head_dim, rope)
-
-
-def layer_weights(
-    src: Source, layer: int, read: Mapping[str, torch.Tensor] | None = None
-) -> AttentionWeights:
-    """Layer ``layer``'s attention tensors as the solver takes them (q/k/v/o cut apart)."""
-    return AttentionWeights.from_items(src.attention_items(layer, read))
-
-
-def layer_tensors(res: LayerResult) -> dict[str, torch.Tensor | None]:
-    """Module-relative names (q_proj.weight, ..., key_down) of a solved layer's tensors."""
-    out = {f"{k[0]}_proj.{k[2:]}": v for k, v in res.weights.items().items()}
-    if isinstance(res, ProjectedLayerResult):
-        out.update(res.extra_tensors())
-    return out
 
 
 class GQATarget(Target):
@@ -111,15 +64,21 @@ class GQATarget(Target):
         if recipe.format == "deci" and (unfit := self.deci_unfit()):
             raise KVConvertError(f"--format deci: {unfit}")
         self.shape = layer_shape(src)
-        model_type = src.config.get("model_type")
-        if recipe.refine_steps and model_type not in remote.SUPPORTED:
+        if recipe.refine_steps and not src.adapter.llama_decoder:
             raise KVConvertError(
-                f"--refine-steps is not available for {model_type!r} yet (supported: "
-                f"{', '.join(remote.SUPPORTED)}); use --refine-steps 0"
+                f"--refine-steps is not available for {src.config.get('model_type')!r} yet "
+                f"(supported: {', '.join(llama_decoder_types())}); use --refine-steps 0"
             )
         self.stats: dict[int, LayerStats] | None = None
         self.allocation: budget_mod.Allocation | None = None
-        self.results: dict[int, LayerResult] = {}
+        #: per-layer records of the whole-model engine's run (kvconvert.json "layers")
+        self.results: dict[int, dict[str, Any]] = {}
+        self._kv_names = {
+            src.adapter.tensor_name(i, p, kind): i
+            for i in range(src.num_layers)
+            for p in ("k", "v")
+            for kind in ("weight", "bias")
+        }
         self.refined: dict[int, refine_mod.Refined] = {}
 
     def needs_data(self) -> bool:
@@ -128,13 +87,12 @@ class GQATarget(Target):
 
     def refine_steps(self) -> int:
         """--refine-steps, or its default: REFINE_STEPS where the run calibrates anyway and
-        the model's attention can be rebuilt in-process (remote.SUPPORTED), else 0."""
+        the model's attention can be rebuilt in-process (``adapter.llama_decoder``), else 0."""
         r = self.recipe
         if r.refine_steps is not None:
             return r.refine_steps
         calibrates = r.method == "svd" or r.kv_budget is not None
-        supported = self.src.config.get("model_type") in remote.SUPPORTED
-        return REFINE_STEPS if calibrates and supported else 0
+        return REFINE_STEPS if calibrates and self.src.adapter.llama_decoder else 0
 
     def refines(self, layer: int) -> bool:
         """Whether ``layer`` is refined: it is merged, and refinement is on."""
@@ -234,56 +192,21 @@ class GQATarget(Target):
         tensors = {k: v for k, v in layer_tensors(res).items() if v is not None}
         return remote.attention_module(cfg, layer, tensors, impl).to(device=device, dtype=dtype)
 
-    # --- refining (whole-model engine) -----------------------------------------------------
-    @torch.no_grad()
+    # --- refining -------------------------------------------------------------------------
     def refine_layers(
         self, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, progress: bool
     ) -> None:
-        """Refine every merged layer (refine.py) on the original model's activations.
+        """Refine every merged layer on the original model's activations (whole-model
+        engine)."""
 
-        The calibration batches are pushed through the decoder layers one layer at a time
-        (each layer gets the keyword arguments the model's own forward gave it: masks differ
-        between sliding and full layers), so memory holds one layer's activations, not all.
-        """
-        src, batch_size = self.src, self.recipe.batch_size
-        todo = [i for i in range(src.num_layers) if self.refines(i)]
-        paths = [src.attention_path(i).rsplit(".", 1)[0] for i in range(todo[-1] + 1)]
-        layers = [model.get_submodule(p) for p in paths]  # the decoder layers up to the last
-        hidden: list[torch.Tensor] = []
-        kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
+        def fit(i: int, samples: AttentionSamples, attn: torch.nn.Module) -> refine_mod.Refined:
+            res = self.solve(i, self.counts[i], device)
+            return self.refine(i, res, samples, attn)
 
-        def grab(i: int):
-            def hook(_mod: torch.nn.Module, args: tuple, kw: dict) -> None:
-                x = args[0] if args else kw["hidden_states"]
-                if i == 0:
-                    hidden.append(x)
-                kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
-                if i == len(layers) - 1:
-                    raise _Enough
-
-            return hook
-
-        pre = [m.register_forward_pre_hook(grab(i), with_kwargs=True) for i, m in enumerate(layers)]
-        try:
-            for batch in batches(tokens, batch_size):
-                with contextlib.suppress(_Enough):
-                    model(input_ids=batch.to(device), use_cache=False)
-        finally:
-            for h in pre:
-                h.remove()
-        dtype = next(model.parameters()).dtype
-        bar = tqdm(total=len(todo), desc="refining layers", unit="layer", disable=not progress)
-        for i, layer in enumerate(layers):
-            attn = model.get_submodule(src.attention_path(i))
-            with capture(attn) as samples:
-                outs = [_hidden(layer(h, **kw)) for h, kw in zip(hidden, kwargs[i], strict=True)]
-            if i in todo:
-                res = self.solve(i, self.counts[i], device)
-                with torch.enable_grad():
-                    self.refined[i] = self.refine(i, res, samples, attn, device, dtype)
-                bar.update(1)
-            hidden = outs
-        bar.close()
+        todo = [i for i in range(self.src.num_layers) if self.refines(i)]
+        self.refined = refine_mod.refine_on_model(
+            model, tokens, self.src, todo, self.recipe.batch_size, fit, progress
+        )
 
     def refine(
         self,
@@ -291,13 +214,13 @@ class GQATarget(Target):
         res: LayerResult,
         samples: AttentionSamples,
         original: torch.nn.Module,
-        device: torch.device,
-        dtype: torch.dtype,
         world: int = 1,
     ) -> refine_mod.Refined:
-        """Fit the solved layer's attention to ``samples`` (what ``original`` produced)."""
+        """Fit the solved layer's attention to ``samples`` (what ``original`` produced), on
+        ``original``'s device and in its dtype."""
         impl = getattr(getattr(original, "config", None), "_attn_implementation", None)
-        module = self.merged_module(layer, res, impl, device, dtype)
+        weight = next(original.parameters())
+        module = self.merged_module(layer, res, impl, weight.device, weight.dtype)
         lr = self.recipe.refine_lr or refine_mod.DEFAULT_LR
         rows = self.recipe.refine_rows
         return refine_mod.refine(module, samples, self.refine_steps(), lr, world, rows)
@@ -333,34 +256,39 @@ class GQATarget(Target):
             w, st, self.shape, kv_heads, r.method, r.rope_keys, r.objective, r.grouping, r.seed
         )
 
-    def solve_layer(
-        self,
-        layer: int,
-        stats: Any,
-        device: torch.device,
-        out_dtype: torch.dtype | None,
-        read: Mapping[str, torch.Tensor],
-        samples: AttentionSamples | None = None,
-        original: torch.nn.Module | None = None,
-        world: int = 1,
-    ) -> tuple[dict[str, torch.Tensor], LayerResult]:
-        """Solve one layer (layer-sequential engine); ``samples``: what the original attention
-        ``original`` produced on the calibration activations, to refine the merge on."""
-        w = layer_weights(self.src, layer, read)
+    def wants_samples(self, layer: int) -> bool:
+        """Refinement fits a merged layer to what the original attention produced."""
+        return self.refines(layer)
+
+    def layer_overrides(self, layer: int) -> dict[str, Any]:
+        return {"num_key_value_heads": self.counts[layer]}
+
+    def output_fraction(self, name: str) -> float:
+        """Merged key and value projections are ``kv_heads / source KV heads`` of their size."""
+        if name not in self._kv_names:
+            return 1.0
+        i = self._kv_names[name]
+        return self.counts[i] / self.src.num_kv_heads
+
+    def solve_layer(self, ctx: LayerContext) -> SolvedLayer:
+        """Solve one layer (layer-sequential engine); refine it on ``ctx.samples``, what the
+        original attention ``ctx.original`` produced on the calibration activations."""
+        layer = ctx.layer
+        w = layer_weights(self.src, layer, ctx.read)
         for key, t in w.items().items():
             if t is not None and t.is_floating_point() and not t.isfinite().all():
                 raise KVConvertError(f"layer {layer}: source tensor {key} contains NaN/inf")
-        res = self.solve(layer, self.counts[layer], device, w, stats)
-        if samples is not None and self.refines(layer):
-            dtype = next(original.parameters()).dtype
-            refined = self.refine(layer, res, samples, original, device, dtype, world)
+        res = self.solve(layer, self.counts[layer], ctx.device, w, ctx.stats)
+        if ctx.samples is not None and self.refines(layer):
+            refined = self.refine(layer, res, ctx.samples, ctx.original, ctx.world)
             self.apply_refined(res, refined)
         new = res.weights.items()
         check_finite(layer, new)
         orig = w.items()
         names = self.src.attention_tensor_names(layer)
-        solved = {name: new[key].to(out_dtype or orig[key].dtype) for name, key in names.items()}
-        return solved, res
+        out = ctx.out_dtype
+        solved = {name: new[key].to(out or orig[key].dtype) for name, key in names.items()}
+        return SolvedLayer(solved, layer_record(res))
 
     def tensors(
         self, device: torch.device, out_dtype: torch.dtype | None, progress: bool
@@ -399,7 +327,7 @@ class GQATarget(Target):
             for role, t in out_adapter.join(new, src.head_dim).items():
                 if t is not None:
                     yield names[role], t
-            results[i] = res
+            results[i] = layer_record(res)
             bar.update(1)
             if isinstance(res, ProjectedLayerResult):  # run-time key projection
                 for extra, t in res.extra_tensors().items():
@@ -432,7 +360,8 @@ class GQATarget(Target):
     def deci_unfit(self) -> str | None:
         """Why this source and recipe cannot take the DeciLM layout, or None."""
         projected = self.recipe.rope_keys == "project"
-        return remote.deci_unfit(self.src.config, self.biases(), projected)
+        llama = self.src.adapter.llama_decoder
+        return remote.deci_unfit(self.src.config, self.biases(), projected, llama)
 
     def report(self, layout: str, note: str | None) -> dict[str, Any]:
         """kvconvert.json "target": per-layer counts, format, key projection, the budget's
@@ -492,19 +421,9 @@ class GQATarget(Target):
             "--refine-steps 0 to skip; docs/scale.md)"
         )
 
-    def finish(
-        self,
-        work: Path,
-        shards: list[str],
-        calibration: dict[str, Any],
-        out_dtype: torch.dtype | None,
-        command: str | None,
-        t0: float,
-        t_calib: float,
-        results: Mapping[int, Any] | None = None,
-    ) -> None:
-        src, recipe, counts = self.src, self.recipe, self.counts
-        results = self.results if results is None else results
+    def finish(self, run: RunInfo) -> None:
+        src, recipe, counts, work = self.src, self.recipe, self.counts, run.work
+        results = run.layers or self.results
         family = src.adapter.remote_family  # the architecture's GQA needs kvconvert's model code
         layout, note = self.layout(counts)
         if note:
@@ -521,26 +440,17 @@ class GQATarget(Target):
         else:
             config = src.adapter.set_kv_heads(src.config, counts[0])
             model_files = []
-        if out_dtype is not None:
+        if run.out_dtype is not None:
             config["dtype"] = recipe.dtype
             config.pop("torch_dtype", None)
         write_json(work / "config.json", stamp_config(config))
         side = copy_side_files(src.folder, work)
-        final_dtype = out_dtype or src.dtype
+        final_dtype = run.out_dtype or src.dtype
         rep = {
-            **report_mod.report_header(recipe, src, command),
+            **report_mod.report_header(recipe, src, run.command),
             "target": self.report(layout, note),
-            "calibration": calibration,
-            "layers": [
-                {
-                    "layer": i,
-                    "groups": [list(g) for g in results[i].groups],
-                    "key_error": results[i].key_error,
-                    "value_error": results[i].value_error,
-                    **_refine_entry(results[i]),
-                }
-                for i in sorted(results)
-            ],
+            "calibration": run.calibration,
+            "layers": [{"layer": i, **results[i]} for i in sorted(results)],
             "kv_bytes_per_token": {
                 "before": report_mod.kv_bytes_per_token(
                     [src.num_kv_heads] * src.num_layers, src.head_dim, src.dtype
@@ -548,30 +458,11 @@ class GQATarget(Target):
                 "after": report_mod.kv_bytes_per_token(counts, src.head_dim, final_dtype),
                 "dtype": str(final_dtype).removeprefix("torch."),
             },
-            "files": {"weights": shards, "copied": side, "model_code": model_files},
+            "files": {"weights": run.shards, "copied": side, "model_code": model_files},
             "timing_s": {
-                "calibration": round(t_calib, 3),
-                "total": round(time.perf_counter() - t0, 3),
+                "calibration": round(run.t_calib, 3),
+                "total": round(time.perf_counter() - run.t0, 3),
             },
         }
         write_json(work / "kvconvert.json", rep)
-        report_mod.write_recipe_and_card(work, recipe, rep, src.folder, config)
-
-
-class _Enough(Exception):
-    """Raised by a hook once the layers to refine have their inputs: ends the forward."""
-
-
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _refine_entry(result: Any) -> dict[str, Any]:
-    err = getattr(result, "refine_error", None)
-    return {} if err is None else {"refine_error": {"before": err[0], "after": err[1]}}
-
-
-def check_finite(layer: int, new: Mapping[str, torch.Tensor | None]) -> None:
-    bad = [k for k, v in new.items() if v is not None and not v.isfinite().all()]
-    if bad:
-        raise KVConvertError(f"layer {layer}: solved {', '.join(bad)} contain NaN/inf")
+        write_recipe_and_card(work, recipe, rep, src.folder, config)

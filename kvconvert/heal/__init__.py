@@ -2,14 +2,14 @@
 
 ``heal(HealOptions(...))`` is the whole run (see ``run.py``); ``kvconvert MODEL ...
 --heal-steps N`` is composed by the conductor (``kvconvert.pipeline.convert_and_heal``) from a
-conversion and this run, with ``heal_options_from``. The method is in docs/heal.md.
+conversion and this run, with ``Recipe.heal_options``. The method is in docs/heal.md.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .options import HealOptions, heal_options_from
+from .options import HealOptions
 
 if TYPE_CHECKING:
     from .run import HealRun, heal, state_folder
@@ -29,6 +29,5 @@ __all__ = [
     "HealOptions",
     "HealRun",
     "heal",
-    "heal_options_from",
     "state_folder",
 ]

@@ -7,11 +7,12 @@ output's ``kvconvert.json``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Any, get_type_hints
 
 from ..errors import KVConvertError
-from ..recipe import DEVICES, Recipe, check_choices_and_threads, option, threads_option
+from ..options import DEVICES, check_choices_and_threads, option, threads_option
+from ..pod.options import proximal_window
 
 TRAIN = ("attention", "all")
 OPTIMIZERS = ("adamw", "sgd")
@@ -209,43 +210,38 @@ class HealOptions:
         return [f.name for f in fields(cls)]
 
 
-def borrowing_layers(config: Any) -> set[int]:
-    """The layers of a PoD model that read another layer's keys (``config.pod_map``); none
-    for other models."""
-    pod_map = getattr(config, "pod_map", None) or []
-    return {layer for layer, row in enumerate(pod_map) if any(b != layer for b in row)}
+#: The healing options ``kvconvert convert`` takes too, as ``--heal-<name>``.
+IN_CONVERT = ("steps", "train", "lora", "lr", "final_lr", "batch_size", "seq_len", "num_samples")
+#: What a convert-then-heal run's healing shares with its conversion, by the same name.
+SHARED = ("calibration", "text_field", "seed", "device", "threads", "revision")
+SHARED += ("trust_remote_code", "overwrite")
 
 
-def proximal_window(config: Any) -> tuple[int, int] | None:
-    """(sink, recent) of a PoD model some of whose layers borrow keys; None for other models
-    (not PoD, or an identity map: nothing differs from the original)."""
-    sink, recent = getattr(config, "pod_sink", None), getattr(config, "pod_recent", None)
-    if sink is None or recent is None or not borrowing_layers(config):
-        return None
-    return sink, recent
+def _heal_group() -> type:
+    """The ``heal_*`` fields of ``Recipe``: HealOptions' own declarations under a prefix
+    (declared once, in HealOptions), healing off unless ``--heal-steps`` is given."""
+    hints = get_type_hints(HealOptions)
+    specs = []
+    for f in fields(HealOptions):
+        if f.name not in IN_CONVERT:
+            continue
+        meta, default = dict(f.metadata), f.default
+        if f.name == "steps":
+            default, meta["help"] = (
+                0,
+                (
+                    "After converting, heal by distillation from the original for N steps (0: "
+                    "off); see kvconvert heal for every healing option."
+                ),
+            )
+        else:
+            meta["help"] = f"With --heal-steps: kvconvert heal's --{f.name.replace('_', '-')}. "
+            meta["help"] += f.metadata["help"]
+        specs.append((f"heal_{f.name}", hints[f.name], field(default=default, metadata=meta)))
+    group = make_dataclass("HealGroup", specs)
+    group.__module__ = __name__
+    group.__doc__ = "The healing options of a convert-then-heal run (``--heal-steps``)."
+    return group
 
 
-def heal_options_from(recipe: Recipe, converted: str) -> HealOptions:
-    """The healing options of a ``convert --heal-steps`` run (other options keep defaults)."""
-    return HealOptions(
-        original=recipe.model,
-        converted=converted,
-        output=recipe.output,
-        steps=recipe.heal_steps,
-        train=recipe.heal_train,
-        lora=recipe.heal_lora,
-        lr=recipe.heal_lr,
-        final_lr=recipe.heal_final_lr,
-        batch_size=recipe.heal_batch_size,
-        seq_len=recipe.heal_seq_len,
-        num_samples=recipe.heal_num_samples,
-        calibration=recipe.calibration,
-        text_field=recipe.text_field,
-        seed=recipe.seed,
-        device=recipe.device,
-        threads=recipe.threads,
-        resume=recipe.heal_resume,
-        revision=recipe.revision,
-        trust_remote_code=recipe.trust_remote_code,
-        overwrite=recipe.overwrite,
-    )
+HealGroup = _heal_group()

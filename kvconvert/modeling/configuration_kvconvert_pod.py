@@ -13,25 +13,18 @@ PoD fields, the same for every architecture:
   borrowed ones mislead it. ``None``: no bias.
 
 ``KVConvertPodConfig`` describes Llama-layout sources (llama, mistral, qwen2) with resolved
-RoPE, bias and sliding-window facts; the ``KVConvertPod<Arch>Config`` classes are the stock
-config of their architecture (every key of the source kept verbatim) plus the PoD fields.
-There, sliding-window layers keep the stock sliding cache and their own keys; a block is a run
-of consecutive full-attention layers (sliding layers in between are skipped). Written by
-kvconvert; stands alone (only transformers is needed to load it with
-``trust_remote_code=True``).
+RoPE, bias and sliding-window facts; the ``KVConvertPod<Arch>Config`` classes (each in
+``configuration_kvconvert_pod_<arch>.py``, which an output of that architecture carries too)
+are the stock config of their architecture (every key of the source kept verbatim) plus
+``PodConfigMixin``. There, sliding-window layers keep the stock sliding cache and their own
+keys; a block is a run of consecutive full-attention layers (sliding layers in between are
+skipped). This file names no architecture. Written by kvconvert; stands alone (only
+transformers is needed to load it with ``trust_remote_code=True``).
 """
 
 from dataclasses import dataclass
 
-from transformers import (
-    Gemma2Config,
-    GemmaConfig,
-    GPTNeoXConfig,
-    OPTConfig,
-    Phi3Config,
-    PreTrainedConfig,
-    Qwen3Config,
-)
+from transformers import PreTrainedConfig
 
 #: why a serving engine must not run this checkpoint with its own attention (see ``n_head_kv``)
 ENGINE_REFUSAL = (
@@ -161,9 +154,9 @@ def sliding_windows(config) -> list[int | None]:
     without them (phi3): ``sliding_window`` set means every layer slides.
     """
     window = getattr(config, "sliding_window", None)
-    kinds = getattr(config, "layer_types", None)
-    if kinds:
-        return [window if kind == "sliding_attention" else None for kind in kinds]
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
     return [window] * config.num_hidden_layers
 
 
@@ -224,36 +217,4 @@ class PodConfigMixin(RefuseEngines):
         check_pod_config(self)
 
 
-class KVConvertPodPhi3Config(PodConfigMixin, Phi3Config):
-    model_type = "kvconvert_pod_phi3"
-
-
-class KVConvertPodQwen3Config(PodConfigMixin, Qwen3Config):
-    model_type = "kvconvert_pod_qwen3"
-
-
-class KVConvertPodGemmaConfig(PodConfigMixin, GemmaConfig):
-    model_type = "kvconvert_pod_gemma"
-
-
-class KVConvertPodGemma2Config(PodConfigMixin, Gemma2Config):
-    model_type = "kvconvert_pod_gemma2"
-
-
-class KVConvertPodGPTNeoXConfig(PodConfigMixin, GPTNeoXConfig):
-    model_type = "kvconvert_pod_gpt_neox"
-
-
-class KVConvertPodOPTConfig(PodConfigMixin, OPTConfig):
-    model_type = "kvconvert_pod_opt"
-
-
-__all__ = [
-    "KVConvertPodConfig",
-    "KVConvertPodGPTNeoXConfig",
-    "KVConvertPodGemma2Config",
-    "KVConvertPodGemmaConfig",
-    "KVConvertPodOPTConfig",
-    "KVConvertPodPhi3Config",
-    "KVConvertPodQwen3Config",
-]
+__all__ = ["KVConvertPodConfig", "PodConfigMixin", "sliding_windows"]

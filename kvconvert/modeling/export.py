@@ -12,8 +12,6 @@ from typing import Any
 
 from . import AUTO_MAP, DECI_AUTO_MAP, FILES, FOLDER, RemoteFamily
 
-#: model_types whose decoder the remote-code model reproduces (RMSNorm, gated MLP, RoPE).
-SUPPORTED = ("llama", "mistral", "qwen2")
 _DROP = ("architectures", "auto_map", "attention_bias", "model_type", "use_sliding_window")
 
 
@@ -60,12 +58,14 @@ def remote_config(
 DECI_ROPE_TYPES = (None, "default", "llama3")
 
 
-def deci_unfit(config: dict[str, Any], biases: dict[str, bool], projected: bool) -> str | None:
+def deci_unfit(
+    config: dict[str, Any], biases: dict[str, bool], projected: bool, llama_decoder: bool
+) -> str | None:
     """Why an output of the source ``config`` cannot take the DeciLM / Nemotron-NAS layout
     (one line), or None when it can. The layout is a Llama decoder without biases whose MLP
     width is ``ffn_mult``'s rounding rule and whose key length is hidden_size / heads (what
     llama.cpp's converter assumes)."""
-    if config.get("model_type") not in SUPPORTED:
+    if not llama_decoder:  # the architecture adapter's fact (kvconvert.arch)
         return f"the DeciLM layout is a Llama decoder; this model is {config.get('model_type')!r}"
     if projected:
         return "--rope-keys project has no DeciLM equivalent"

@@ -3,10 +3,11 @@
 Written into kvconvert outputs that a stock transformers class cannot express and loaded with
 ``trust_remote_code=True``; it uses only public transformers API and imports nothing from
 kvconvert. The layout (names of every weight) is Llama's, so llama, mistral and qwen2
-checkpoints map onto it one to one. It is the stock Llama decoder (norms, gated MLP, rotary
-embedding, decoder layer, attention function) with two things of its own: each layer's
-attention is built with that layer's KV head count and the source's per-projection biases,
-and the model forward builds a mask per layer type (sliding-window layers of mistral/qwen2).
+checkpoints map onto it one to one. The classes are small subclasses of the stock Llama ones
+(``LlamaModel``, ``LlamaForCausalLM``: norms, gated MLP, rotary embedding, decoder layer, LM
+head, loss, ``generate()``) with two things of their own: each layer's attention is built
+with that layer's KV head count and the source's per-projection biases, and the model forward
+builds a mask per layer type (sliding-window layers of mistral/qwen2).
 
 Post-RoPE key projection (``config.key_projection_heads[i] > 0``), the method of the GQA
 paper: ``k_proj`` keeps the full width of P key heads; after RoPE, each group of t = P / G
@@ -22,20 +23,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
@@ -154,16 +156,28 @@ class KVConvertDecoderLayer(LlamaDecoderLayer):
         self.self_attn = KVConvertAttention(config, layer_idx)
 
 
-class KVConvertPreTrainedModel(PreTrainedModel):
+@contextmanager
+def without_layers(config: KVConvertConfig) -> Iterator[None]:
+    """While the stock Llama ``__init__`` runs: it would build every decoder layer from one
+    KV head count (an int), which this config does not have, so it builds none; the classes
+    below build their own layers right after."""
+    layers = config.num_hidden_layers
+    config.num_hidden_layers = 0
+    try:
+        yield
+    finally:
+        config.num_hidden_layers = layers
+
+
+class KVConvertPreTrainedModel(LlamaPreTrainedModel):
+    """The stock Llama base with this config, this decoder layer, and the key projection's
+    identity init."""
+
     config_class = KVConvertConfig
     config: KVConvertConfig
-    base_model_prefix = "model"
     _no_split_modules = ["KVConvertDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # per-layer KV heads were never tried under torch.compile
 
     def _init_weights(self, module: nn.Module) -> None:
         """Fresh weights only: transformers skips tensors it loaded from the checkpoint."""
@@ -178,24 +192,18 @@ class KVConvertPreTrainedModel(PreTrainedModel):
                         )
 
 
-class KVConvertModel(KVConvertPreTrainedModel):
+class KVConvertModel(KVConvertPreTrainedModel, LlamaModel):
+    """The stock Llama model (embeddings, norm, rotary embedding) with this model's layers; its
+    forward differs from the stock one only in building a mask per layer type (the stock
+    Llama forward builds one causal mask for all layers)."""
+
     def __init__(self, config: KVConvertConfig) -> None:
-        super().__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        with without_layers(config):
+            super().__init__(config)
         self.layers = nn.ModuleList(
             [KVConvertDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -247,61 +255,14 @@ class KVConvertModel(KVConvertPreTrainedModel):
         )
 
 
-class KVConvertForCausalLM(KVConvertPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+class KVConvertForCausalLM(KVConvertPreTrainedModel, LlamaForCausalLM):
+    """The stock Llama causal LM (head, loss, ``generate()``) over ``KVConvertModel``."""
 
     def __init__(self, config: KVConvertConfig) -> None:
-        super().__init__(config)
+        with without_layers(config):
+            super().__init__(config)
         self.model = KVConvertModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        past_key_values = pick_cache(past_key_values, kwargs)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden = out.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs
-            )
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, **{CACHE_FIELD: out.get(CACHE_FIELD)}
-        )
 
 
 __all__ = ["KVConvertForCausalLM", "KVConvertModel", "KVConvertPreTrainedModel"]

@@ -1,10 +1,12 @@
 """GPT-2 with grouped-query attention: fewer key/value heads than query heads.
 
 Written into kvconvert outputs converted from ``gpt2`` checkpoints and loaded with
-``trust_remote_code=True``; it imports transformers only (public module paths), never
-kvconvert. Transformers' GPT-2 cuts its fused ``c_attn`` into three equal parts and has no GQA;
-everything but the attention (learned positions, LayerNorms, ``Conv1D`` MLP, the per-layer
-``scale_attn_by_inverse_layer_idx`` scaling) is the stock code, reused by subclassing.
+``trust_remote_code=True``; it imports transformers only (public module paths), never kvconvert.
+Transformers' GPT-2 cuts its fused ``c_attn`` into three equal parts and has no GQA; everything
+but the attention (learned positions, LayerNorms, ``Conv1D`` MLP, the per-layer
+``scale_attn_by_inverse_layer_idx`` scaling) is the stock code, reused by subclassing. The swap
+itself (``GQASwap``, the attention call) is ``modeling_kvconvert_gqa_swap.py``, shipped beside
+this file.
 
 Weight layout: the stock one; only ``transformer.h.{i}.attn.c_attn`` is narrower. It is a
 ``Conv1D`` (weight stored (in, out) = (n_embd, (n_head + 2 * num_key_value_heads) * head_dim),
@@ -13,8 +15,6 @@ contiguous block. Query head ``h`` reads KV head ``h // (n_head // num_key_value
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward, re
 from transformers.pytorch_utils import Conv1D
 
 from .configuration_kvconvert_gpt2 import KVConvertGPT2Config
+from .modeling_kvconvert_gqa_swap import GQASwap, pick_cache
 
 
 class KVConvertGPT2Attention(GPT2Attention):
@@ -64,8 +65,7 @@ class KVConvertGPT2Attention(GPT2Attention):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = kwargs.pop("cache", None)  # the name from transformers 5.24 on
-        past_key_values = past_key_values if cache is None else cache
+        past_key_values = pick_cache(past_key_values, kwargs)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q, k, v = self.c_attn(hidden_states).split(self.split_sizes, dim=-1)
         q, k, v = (x.view(shape).transpose(1, 2) for x in (q, k, v))
@@ -75,8 +75,9 @@ class KVConvertGPT2Attention(GPT2Attention):
             k = repeat_kv(k, self.num_key_value_groups)
             v = repeat_kv(v, self.num_key_value_groups)
             out, weights = self._upcast_and_reordered_attn(q, k, v, attention_mask)
+            out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         else:
-            attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
             out, weights = attention(
@@ -89,14 +90,8 @@ class KVConvertGPT2Attention(GPT2Attention):
                 scaling=self.scaling,
                 **kwargs,
             )
-        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+            out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.resid_dropout(self.c_proj(out)), weights
-
-
-def use_gqa_attention(blocks: nn.ModuleList, config: KVConvertGPT2Config) -> None:
-    """Give each stock block the GQA attention (in place)."""
-    for i, block in enumerate(blocks):
-        block.attn = KVConvertGPT2Attention(config, i)
 
 
 #: the stock list, anchored: engines that treat it as patterns of tensors to skip (vLLM's
@@ -104,24 +99,21 @@ def use_gqa_attention(blocks: nn.ModuleList, config: KVConvertGPT2Config) -> Non
 IGNORED_ON_LOAD = [r"(^|\.)attn\.bias$", r"(^|\.)crossattention\.bias$"]
 
 
-class KVConvertGPT2Model(GPT2Model):
+class GPT2GQA(GQASwap):
+    """GPT-2's blocks (``h``) with ``KVConvertGPT2Attention`` as their ``attn``."""
+
     config_class = KVConvertGPT2Config
     _keys_to_ignore_on_load_unexpected = IGNORED_ON_LOAD
-
-    def __init__(self, config: KVConvertGPT2Config) -> None:
-        super().__init__(config)
-        use_gqa_attention(self.h, config)
-        self.post_init()
+    gqa_attention = KVConvertGPT2Attention
+    gqa_layers, gqa_attribute = "h", "attn"
 
 
-class KVConvertGPT2LMHeadModel(GPT2LMHeadModel):
-    config_class = KVConvertGPT2Config
-    _keys_to_ignore_on_load_unexpected = IGNORED_ON_LOAD
+class KVConvertGPT2Model(GPT2GQA, GPT2Model):
+    pass
 
-    def __init__(self, config: KVConvertGPT2Config) -> None:
-        super().__init__(config)
-        use_gqa_attention(self.transformer.h, config)
-        self.post_init()
+
+class KVConvertGPT2LMHeadModel(GPT2GQA, GPT2LMHeadModel):
+    pass
 
 
 __all__ = ["KVConvertGPT2LMHeadModel", "KVConvertGPT2Model"]

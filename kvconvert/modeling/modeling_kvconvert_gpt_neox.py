@@ -1,10 +1,12 @@
 """GPT-NeoX (Pythia) with grouped-query attention: fewer key/value heads than query heads.
 
 Written into kvconvert outputs converted from ``gpt_neox`` checkpoints and loaded with
-``trust_remote_code=True``; it imports transformers only (public module paths), never
-kvconvert. Transformers' GPT-NeoX has no GQA, and its fused ``query_key_value`` interleaves
-q/k/v per head, so it cannot hold fewer KV heads; everything else (embeddings, LayerNorms,
-parallel residual, GELU MLP, partial rotary) is the stock code, reused by subclassing.
+``trust_remote_code=True``; it imports transformers only (public module paths), never kvconvert.
+Transformers' GPT-NeoX has no GQA, and its fused ``query_key_value`` interleaves q/k/v per head,
+so it cannot hold fewer KV heads; everything else (embeddings, LayerNorms, parallel residual,
+GELU MLP, partial rotary) is the stock code, reused by subclassing. The swap itself
+(``GQASwap``, the attention call) is ``modeling_kvconvert_gqa_swap.py``, shipped beside this
+file.
 
 Weight layout: the stock one, except that each layer's attention stores its projections
 separately instead of the fused ``query_key_value``:
@@ -19,8 +21,6 @@ separately instead of the fused ``query_key_value``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
@@ -34,6 +34,7 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration_kvconvert_gpt_neox import KVConvertGPTNeoXConfig
+from .modeling_kvconvert_gqa_swap import GQASwap, pick_cache
 
 
 class KVConvertGPTNeoXAttention(GPTNeoXAttention):
@@ -66,8 +67,7 @@ class KVConvertGPTNeoXAttention(GPTNeoXAttention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = kwargs.pop("cache", None)  # the name from transformers 5.24 on
-        layer_past = layer_past if cache is None else cache
+        layer_past = pick_cache(layer_past, kwargs)
         shape = (*hidden_states.shape[:-1], -1, self.head_size)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -76,7 +76,7 @@ class KVConvertGPTNeoXAttention(GPTNeoXAttention):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # rotates the leading rotary_pct dims
         if layer_past is not None:
             k, v = layer_past.update(k, v, self.layer_idx)
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         out, weights = attention(
@@ -85,36 +85,29 @@ class KVConvertGPTNeoXAttention(GPTNeoXAttention):
             k,
             v,
             attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            dropout=0.0 if not self.training else self.attention_dropout,
             **kwargs,
         )
         out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.dense(out), weights
 
 
-def use_gqa_attention(layers: nn.ModuleList, config: KVConvertGPTNeoXConfig) -> None:
-    """Give each stock decoder layer the GQA attention (in place)."""
-    for i, layer in enumerate(layers):
-        layer.attention = KVConvertGPTNeoXAttention(config, i)
+class GPTNeoXGQA(GQASwap):
+    """GPT-NeoX's layers (``layers``) with ``KVConvertGPTNeoXAttention`` as their
+    ``attention``."""
 
-
-class KVConvertGPTNeoXModel(GPTNeoXModel):
     config_class = KVConvertGPTNeoXConfig
-
-    def __init__(self, config: KVConvertGPTNeoXConfig) -> None:
-        super().__init__(config)
-        use_gqa_attention(self.layers, config)
-        self.post_init()
+    gqa_attention = KVConvertGPTNeoXAttention
+    gqa_layers, gqa_attribute = "layers", "attention"
 
 
-class KVConvertGPTNeoXForCausalLM(GPTNeoXForCausalLM):
-    config_class = KVConvertGPTNeoXConfig
+class KVConvertGPTNeoXModel(GPTNeoXGQA, GPTNeoXModel):
+    pass
 
-    def __init__(self, config: KVConvertGPTNeoXConfig) -> None:
-        super().__init__(config)
-        use_gqa_attention(self.gpt_neox.layers, config)
-        self.post_init()
+
+class KVConvertGPTNeoXForCausalLM(GPTNeoXGQA, GPTNeoXForCausalLM):
+    pass
 
 
 __all__ = ["KVConvertGPTNeoXForCausalLM", "KVConvertGPTNeoXModel"]

@@ -1,10 +1,11 @@
 """OPT with grouped-query attention: fewer key/value heads than query heads.
 
 Written into kvconvert outputs converted from ``opt`` checkpoints and loaded with
-``trust_remote_code=True``; it imports transformers only (public module paths), never
-kvconvert. Transformers' OPT has no GQA; everything but the attention (learned positions with
-their offset of 2, LayerNorm before or after, ReLU MLP, ``project_in`` / ``project_out``) is
-the stock code, reused by subclassing.
+``trust_remote_code=True``; it imports transformers only (public module paths), never kvconvert.
+Transformers' OPT has no GQA; everything but the attention (learned positions with their offset
+of 2, LayerNorm before or after, ReLU MLP, ``project_in`` / ``project_out``) is the stock code,
+reused by subclassing. The swap itself (``GQASwap``, the attention call) is
+``modeling_kvconvert_gqa_swap.py``, shipped beside this file.
 
 Weight layout: the stock one; only ``model.decoder.layers.{i}.self_attn.k_proj`` and
 ``v_proj`` (weights and biases) are smaller, ``num_key_value_heads * head_dim`` rows (heads
@@ -14,8 +15,6 @@ are contiguous row blocks). Query head ``h`` reads KV head
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
@@ -24,6 +23,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.models.opt.modeling_opt import OPTAttention, OPTForCausalLM, OPTModel
 
 from .configuration_kvconvert_opt import KVConvertOPTConfig
+from .modeling_kvconvert_gqa_swap import GQASwap, pick_cache
 
 
 class KVConvertOPTAttention(OPTAttention):
@@ -58,8 +58,7 @@ class KVConvertOPTAttention(OPTAttention):
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = kwargs.pop("cache", None)  # the name from transformers 5.24 on
-        past_key_values = past_key_values if cache is None else cache
+        past_key_values = pick_cache(past_key_values, kwargs)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         # as the stock OPT: the query is scaled before the product, the attention call by 1.0
         q = (self.q_proj(hidden_states) * self.scaling).view(shape).transpose(1, 2)
@@ -67,7 +66,7 @@ class KVConvertOPTAttention(OPTAttention):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         out, weights = attention(
@@ -76,7 +75,7 @@ class KVConvertOPTAttention(OPTAttention):
             k,
             v,
             attention_mask,
-            dropout=0.0 if not self.training else self.dropout,
+            dropout=self.dropout if self.training else 0.0,
             scaling=1.0,
             **kwargs,
         )
@@ -84,28 +83,21 @@ class KVConvertOPTAttention(OPTAttention):
         return self.out_proj(out), weights
 
 
-def use_gqa_attention(layers: nn.ModuleList, config: KVConvertOPTConfig) -> None:
-    """Give each stock decoder layer the GQA attention (in place)."""
-    for i, layer in enumerate(layers):
-        layer.self_attn = KVConvertOPTAttention(config, i)
+class OPTGQA(GQASwap):
+    """OPT's decoder layers (``decoder.layers``) with ``KVConvertOPTAttention`` as their
+    ``self_attn``."""
 
-
-class KVConvertOPTModel(OPTModel):
     config_class = KVConvertOPTConfig
-
-    def __init__(self, config: KVConvertOPTConfig) -> None:
-        super().__init__(config)
-        use_gqa_attention(self.decoder.layers, config)
-        self.post_init()
+    gqa_attention = KVConvertOPTAttention
+    gqa_layers, gqa_attribute = "decoder.layers", "self_attn"
 
 
-class KVConvertOPTForCausalLM(OPTForCausalLM):
-    config_class = KVConvertOPTConfig
+class KVConvertOPTModel(OPTGQA, OPTModel):
+    pass
 
-    def __init__(self, config: KVConvertOPTConfig) -> None:
-        super().__init__(config)
-        use_gqa_attention(self.model.decoder.layers, config)
-        self.post_init()
+
+class KVConvertOPTForCausalLM(OPTGQA, OPTForCausalLM):
+    pass
 
 
 __all__ = ["KVConvertOPTForCausalLM", "KVConvertOPTModel"]

@@ -20,8 +20,12 @@ prefill runs in query chunks, so no (queries x keys) tensor is built for a whole
 the cache holds no masks. A checkpoint may also carry ``pod_distant_bias``: per borrowing
 head, a number added to its distant tokens' logits (it shifts the distant part's
 log-sum-exp). Eager and SDPA attention, as the user picks them; reads top to bottom: one
-attention part, the cache, the attention function, the mixins, one pair of classes per
-architecture.
+attention part, the cache, the attention function, the mixins.
+
+This file names no architecture: each output also carries the pair of classes of its own,
+``modeling_kvconvert_pod_<arch>.py`` (``_llama`` for the Llama layout), which adds these
+mixins to the stock classes, so that an output imports only its own architecture's
+transformers module.
 """
 
 import copy
@@ -35,33 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.gemma.modeling_gemma import GemmaAttention, GemmaForCausalLM
-from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2ForCausalLM
-from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXForCausalLM
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM
-from transformers.models.opt.modeling_opt import OPTAttention, OPTForCausalLM
-from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3ForCausalLM
-from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3ForCausalLM
 
-from .configuration_kvconvert_pod import (
-    KVConvertPodConfig,
-    KVConvertPodGemma2Config,
-    KVConvertPodGemmaConfig,
-    KVConvertPodGPTNeoXConfig,
-    KVConvertPodOPTConfig,
-    KVConvertPodPhi3Config,
-    KVConvertPodQwen3Config,
-    sliding_windows,
-)
+from .configuration_kvconvert_pod import sliding_windows
 
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
-# ``cache`` (in every stock class at once): read the installed names from the public
-# signatures, accept both from callers, pass on the one the stock classes take.
+# ``cache`` (in every stock class and the mask builders at once): read the installed names
+# from the public signatures, accept both from callers, pass on the one the stock classes take.
 CACHE_ARG = (
-    "cache"
-    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
-    else "past_key_values"
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 )
 CACHE_FIELD = (
     "cache"
@@ -1113,105 +1100,4 @@ class PodCausalLMMixin:
         return torch.arange(past, past + length, device=device)[None]
 
 
-class PodLlamaAttention(PodAttentionMixin, LlamaAttention):
-    """Llama-layout attention (llama, mistral, qwen2 sources) on the PodCache."""
-
-
-class KVConvertPodForCausalLM(PodCausalLMMixin, LlamaForCausalLM):
-    """PoD on the stock Llama classes, for llama, mistral and qwen2 sources (their decoders are
-    Llama's: RMSNorm, gated MLP, RoPE). Two things the Llama config cannot say come from
-    ``KVConvertPodConfig``: q/k/v and o biases apart (qwen2 has the first only) and sliding
-    windows (mistral), which here are masks over a PoD cache, so sliding layers may share."""
-
-    config_class = KVConvertPodConfig
-    pod_attention = (LlamaAttention, PodLlamaAttention)
-    pod_stock_sliding = False
-
-    def __init__(self, config: KVConvertPodConfig):
-        super().__init__(config)
-        if config.attention_out_bias != config.attention_bias:
-            for layer in self.model.layers:
-                o = layer.self_attn.o_proj
-                layer.self_attn.o_proj = nn.Linear(
-                    o.in_features, o.out_features, bias=config.attention_out_bias
-                )
-
-
-class PodPhi3Attention(PodAttentionMixin, Phi3Attention):
-    """Phi-3 attention (fused qkv_proj, partial rotary) on the PodCache."""
-
-
-class KVConvertPodPhi3ForCausalLM(PodCausalLMMixin, Phi3ForCausalLM):
-    config_class = KVConvertPodPhi3Config
-    pod_attention = (Phi3Attention, PodPhi3Attention)
-
-
-class PodQwen3Attention(PodAttentionMixin, Qwen3Attention):
-    """Qwen3 attention (per-head q/k RMSNorm before RoPE) on the PodCache."""
-
-
-class KVConvertPodQwen3ForCausalLM(PodCausalLMMixin, Qwen3ForCausalLM):
-    config_class = KVConvertPodQwen3Config
-    pod_attention = (Qwen3Attention, PodQwen3Attention)
-
-
-class PodGemmaAttention(PodAttentionMixin, GemmaAttention):
-    """Gemma attention (head_dim of its own) on the PodCache."""
-
-
-class KVConvertPodGemmaForCausalLM(PodCausalLMMixin, GemmaForCausalLM):
-    config_class = KVConvertPodGemmaConfig
-    pod_attention = (GemmaAttention, PodGemmaAttention)
-
-
-class PodGemma2Attention(PodAttentionMixin, Gemma2Attention):
-    """Gemma 2 attention (query_pre_attn_scalar, logit soft-capping, sliding layers)."""
-
-
-class KVConvertPodGemma2ForCausalLM(PodCausalLMMixin, Gemma2ForCausalLM):
-    config_class = KVConvertPodGemma2Config
-    pod_attention = (Gemma2Attention, PodGemma2Attention)
-
-
-class PodGPTNeoXAttention(PodAttentionMixin, GPTNeoXAttention):
-    """GPT-NeoX attention (fused per-head qkv, partial rotary); its layer passes the cache as
-    ``layer_past``."""
-
-    pod_cache_kwarg = "layer_past"
-
-
-class KVConvertPodGPTNeoXForCausalLM(PodCausalLMMixin, GPTNeoXForCausalLM):
-    config_class = KVConvertPodGPTNeoXConfig
-    pod_attention = (GPTNeoXAttention, PodGPTNeoXAttention)
-
-
-class PodOPTAttention(PodAttentionMixin, OPTAttention):
-    """OPT attention (biases, no RoPE: positions are learned embeddings added to the input)."""
-
-
-class KVConvertPodOPTForCausalLM(PodCausalLMMixin, OPTForCausalLM):
-    config_class = KVConvertPodOPTConfig
-    pod_attention = (OPTAttention, PodOPTAttention)
-
-    def pod_position_ids(
-        self, attention_mask: torch.Tensor | None, past: int, length: int, device: torch.device
-    ) -> torch.Tensor:
-        """OPT's rule: with a padding mask over every token, a token's position is the count of
-        real tokens before it (left padding shifts them); padding gets -1."""
-        if attention_mask is None or attention_mask.shape[1] != past + length:
-            return super().pod_position_ids(attention_mask, past, length, device)
-        mask = attention_mask.to(device=device, dtype=torch.long)
-        return (mask.cumsum(dim=1) * mask - 1)[:, past:]
-
-
-__all__ = [
-    "KVConvertPodForCausalLM",
-    "KVConvertPodGPTNeoXForCausalLM",
-    "KVConvertPodGemma2ForCausalLM",
-    "KVConvertPodGemmaForCausalLM",
-    "KVConvertPodOPTForCausalLM",
-    "KVConvertPodPhi3ForCausalLM",
-    "KVConvertPodQwen3ForCausalLM",
-    "PodCache",
-    "PodCacheLayer",
-]
+__all__ = ["PodAttentionMixin", "PodCache", "PodCacheLayer", "PodCausalLMMixin", "pod_attention"]

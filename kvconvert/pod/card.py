@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import report as report_mod
+from .. import card as card_mod
 
 
 def pod_model_card(
@@ -15,70 +15,39 @@ def pod_model_card(
 ) -> str:
     """The card of a PoD output: what was shared, fidelity, how to load, how to redo (the
     same sections as a GQA card; ``source_card``'s licence is carried over)."""
-    from huggingface_hub import ModelCardData
-
     src, tgt = report["source"], report["target"]
-    carried = {k: v for k, v in (source_card or {}).items() if k in report_mod.CARRIED_KEYS and v}
-    data = ModelCardData(
-        base_model=base_model,
-        base_model_relation="finetune" if base_model else None,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["kvconvert", "pod"],
-        **carried,
-    )
-    name = report_mod.title_name(src, base_model)
-    lines = [
-        "---",
-        data.to_yaml(),
-        "---",
-        "",
-        f"# {name} with PoD layer key sharing",
-        "",
-        f"Converted from `{src['model']}` by kvconvert {report['versions'].get('kvconvert', '')}"
-        ": upper layers of each block attend to distant tokens with the block bottom's keys "
-        f"(proximal tokens: the first {tgt['sink']} and the last {tgt['recent']} before each "
-        "query keep their own keys). The conversion itself changes no weight.",
-        "",
-        *(
-            [
-                f"- KV heads merged first: {src['num_key_value_heads']} -> "
-                f"{report['gqa']['target']['num_key_value_heads']} per layer "
-                f"(method `{report['recipe']['method']}`)"
-            ]
-            if "gqa" in report
-            else []
+    merged = report.get("gqa")
+    parts = card_mod.CardParts(
+        title=" with PoD layer key sharing",
+        body=[
+            f"Converted from `{src['model']}` by kvconvert "
+            f"{report['versions'].get('kvconvert', '')}: upper layers of each block attend to "
+            "distant tokens with the block bottom's keys (proximal tokens: the first "
+            f"{tgt['sink']} and the last {tgt['recent']} before each query keep their own "
+            "keys). The conversion itself changes no weight.",
+            "",
+            *(
+                [
+                    f"- KV heads merged first: {src['num_key_value_heads']} -> "
+                    f"{merged['target']['num_key_value_heads']} per layer "
+                    f"(method `{report['recipe']['method']}`)"
+                ]
+                if merged
+                else []
+            ),
+            f"- Layer map ({tgt['map_from']}), blocks per KV head: {tgt['blocks']}",
+            f"- Predicted KV cache saving at {tgt['context']} tokens: "
+            f"{tgt['predicted_kv_saving']:.1%}" + saving_at_line(tgt),
+            *bias_lines(tgt),
+        ],
+        how_to_load=card_mod.load_lines(
+            "It needs the PoD modeling code shipped in this folder:",
+            remote_code=True,
+            maybe_tokenizer=False,
         ),
-        f"- Layer map ({tgt['map_from']}), blocks per KV head: {tgt['blocks']}",
-        f"- Predicted KV cache saving at {tgt['context']} tokens: {tgt['predicted_kv_saving']:.1%}"
-        + saving_at_line(tgt),
-        *bias_lines(tgt),
-        "",
-        "## Fidelity",
-        "",
-        *report_mod.fidelity_lines(report),
-        "",
-        "## How to load",
-        "",
-        "It needs the PoD modeling code shipped in this folder:",
-        "",
-        report_mod.tested_versions(),
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'repo = "this-repo-id-or-folder"',
-        "model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)",
-        "```",
-        *report_mod.TOKENIZER_NOTE,
-        "",
-        f"**Serving.** {SERVING} {report_mod.ENGINE_CHECK}",
-        "",
-        *report_mod.reproduce_lines(report, recipe_yaml),
-        "",
-    ]
-    return "\n".join(lines)
+        serving=SERVING,
+    )
+    return card_mod.model_card(report, base_model, parts, source_card, recipe_yaml)
 
 
 #: why only transformers serves PoD (docs/serving.md)

@@ -1,11 +1,14 @@
 """A PoD output: the source's weights unchanged, a config naming the remote code and the map.
 
 The modeling files in ``kvconvert/modeling`` are copied next to the weights, so the output
-loads with ``trust_remote_code=True`` on a machine without kvconvert.
+loads with ``trust_remote_code=True`` on a machine without kvconvert: the architecture-free
+core (``POD_FILES``) and the files of the output's own architecture that its ``auto_map``
+names, so that it imports no other architecture's transformers module.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,11 +16,13 @@ from typing import Any
 from ..arch import AttentionAdapter
 
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
-#: one pair of files for every architecture: the PodCache and each stock class with PoD attention
+#: what every PoD output carries: the PoD config fields, the PodCache, the attention function
+#: and the mixins; the architecture's own classes are in ``*_kvconvert_pod_<arch>.py``
 POD_FILES = ("configuration_kvconvert_pod.py", "modeling_kvconvert_pod.py")
+#: the Llama layout (llama, mistral, qwen2 sources): its config class is in the core file
 AUTO_MAP = {
     "AutoConfig": "configuration_kvconvert_pod.KVConvertPodConfig",
-    "AutoModelForCausalLM": "modeling_kvconvert_pod.KVConvertPodForCausalLM",
+    "AutoModelForCausalLM": "modeling_kvconvert_pod_llama.KVConvertPodForCausalLM",
 }
 #: source config keys replaced by resolved values (RoPE, windows) or meaningless for PoD.
 DROP_KEYS = ("rope_theta", "rope_scaling", "attention_bias", "use_sliding_window", "auto_map")
@@ -51,10 +56,7 @@ def pod_config(
         out.update(
             model_type=f"kvconvert_pod_{source_config['model_type']}",
             architectures=[f"KVConvertPod{stock}ForCausalLM"],
-            auto_map={
-                "AutoConfig": f"configuration_kvconvert_pod.KVConvertPod{stock}Config",
-                "AutoModelForCausalLM": f"modeling_kvconvert_pod.KVConvertPod{stock}ForCausalLM",
-            },
+            auto_map=stock_auto_map(source_config["model_type"], stock),
             source_model_type=source_config.get("model_type"),
             **pod,
         )
@@ -78,8 +80,27 @@ def pod_config(
     return out
 
 
-def copy_modeling_files(dst: Path) -> list[str]:
-    """Copy the PoD remote code the output's config names (see :func:`pod_config`)."""
-    for name in POD_FILES:
+def stock_auto_map(model_type: str, stock: str) -> dict[str, str]:
+    """``auto_map`` of a PoD output of the stock class ``stock`` (e.g. "Qwen3" for qwen3)."""
+    stem = f"kvconvert_pod_{model_type}"
+    return {
+        "AutoConfig": f"configuration_{stem}.KVConvertPod{stock}Config",
+        "AutoModelForCausalLM": f"modeling_{stem}.KVConvertPod{stock}ForCausalLM",
+    }
+
+
+def modeling_files(auto_map: dict[str, str]) -> list[str]:
+    """The files an output with ``auto_map`` needs: the core, then those the map names."""
+    named = [ref.rsplit(".", 1)[0] + ".py" for ref in auto_map.values()]
+    return list(dict.fromkeys([*POD_FILES, *named]))
+
+
+def copy_modeling_files(dst: Path, config: dict[str, Any] | None = None) -> list[str]:
+    """Copy the PoD remote code the output's config names (``config``, else the
+    ``config.json`` already written in ``dst``; see :func:`pod_config`)."""
+    if config is None:
+        config = json.loads((dst / "config.json").read_text())
+    files = modeling_files(config["auto_map"])
+    for name in files:
         shutil.copy2(MODELING_DIR / name, dst / name)
-    return list(POD_FILES)
+    return files

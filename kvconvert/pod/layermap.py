@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arch import held_tokens
 from ..errors import KVConvertError
 
 
@@ -75,10 +76,10 @@ def predicted_saving(
 
     Each borrowing (layer, head) keeps keys of only P = sink + recent tokens instead of T. With
     full caches everywhere this is 1/2 * (1 - B / (L * KV)) * (T - P) / T (0 when T <= P); a
-    sliding-window layer holds min(T, window - 1) tokens, as the stock cache does."""
+    sliding-window layer holds only its window (``arch.held_tokens``), as the stock cache does."""
     kv = len(pod_map[0])
     windows = windows or [None] * len(pod_map)
-    dense = kv * sum(context if w is None else min(context, w - 1) for w in windows)
+    dense = kv * sum(held_tokens(context, w) for w in windows)
     borrowing = sum(b != layer for layer, row in enumerate(pod_map) for b in row)
     far = max(context - sink - recent, 0)
     return borrowing * far / (2 * dense)

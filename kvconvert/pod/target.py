@@ -10,20 +10,21 @@ and the predicted KV saving. The method is in docs/pod.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .. import report as report_mod
+from ..arch import held_tokens
+from ..arch import sliding_windows as stock_windows
 from ..compat import stamp_config
 from ..errors import KVConvertError
 from ..recipe import Recipe
 from ..source import Source
-from ..target import Target
+from ..target import RunInfo, Target
 from ..writer import cast_float, copy_side_files, write_json
 from .card import pod_model_card
 from .checkpoint import copy_modeling_files, pod_config
@@ -49,9 +50,7 @@ def sliding_windows(src: Source) -> list[int | None]:
         return [None] * src.num_layers
     from transformers import AutoConfig
 
-    from ..modeling.configuration_kvconvert_pod import sliding_windows as stock_rule
-
-    return stock_rule(AutoConfig.from_pretrained(src.folder))
+    return stock_windows(AutoConfig.from_pretrained(src.folder).get_text_config())
 
 
 def map_by(recipe: Recipe) -> str:
@@ -208,19 +207,10 @@ class PodTarget(Target):
         for name in self.src.tensors.names():
             yield renames.get(name, name), cast_float(self.src.tensors.get(name), out_dtype)
 
-    def finish(
-        self,
-        work: Path,
-        shards: list[str],
-        calibration: dict[str, Any],
-        out_dtype: torch.dtype | None,
-        command: str | None,
-        t0: float,
-        t_calib: float,
-        results: Mapping[int, Any] | None = None,
-    ) -> None:
+    def finish(self, run: RunInfo) -> None:
         src, recipe, windows, context = self.src, self.recipe, self.windows, self.context
         L, kv, similarity = src.num_layers, src.num_kv_heads, self.similarity
+        work, out_dtype, calibration = run.work, run.out_dtype, run.calibration
         if self.cost is not None:
             calibration = {**calibration, "queries_per_sequence": NUM_QUERIES_COST}
         elif similarity is not None:
@@ -246,10 +236,10 @@ class PodTarget(Target):
         final_dtype = out_dtype or src.dtype
         dense = report_mod.kv_bytes_per_token([kv] * L, src.head_dim, final_dtype)
         # what the stock cache holds at ``context`` (a sliding layer: its window only)
-        tokens = sum(context if w is None else min(context, w - 1) for w in windows)
+        tokens = sum(held_tokens(context, w) for w in windows)
         held = dense // L * tokens
         rep = {
-            **report_mod.report_header(recipe, src, command, kv),
+            **report_mod.report_header(recipe, src, run.command, kv),
             "target": {
                 "kind": "pod",
                 "sink": recipe.sink,
@@ -302,10 +292,10 @@ class PodTarget(Target):
                 },
                 "dtype": str(final_dtype).removeprefix("torch."),
             },
-            "files": {"weights": shards, "copied": side, "remote_code": code},
+            "files": {"weights": run.shards, "copied": side, "remote_code": code},
             "timing_s": {
-                "calibration": round(t_calib, 3),
-                "total": round(time.perf_counter() - t0, 3),
+                "calibration": round(run.t_calib, 3),
+                "total": round(time.perf_counter() - run.t0, 3),
             },
         }
         if self.gqa is not None:  # heads were merged first: record that stage too

@@ -26,8 +26,9 @@ from tests.pod.test_modeling import RECENT, SINK, biased, decode_logits, dims, m
 
 @contextlib.contextmanager
 def patched(model, **values):
-    """Set module-level constants of the model's own (remote) code for a while."""
-    module = sys.modules[type(model).__module__]
+    """Set module-level constants of the model's own (remote) code for a while: those of its
+    PoD core (``modeling_kvconvert_pod.py``), where the mixin's forward is."""
+    module = sys.modules[type(model).forward.__module__]
     before = {k: getattr(module, k) for k in values}
     for k, v in values.items():
         setattr(module, k, v)
