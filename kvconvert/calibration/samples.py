@@ -22,28 +22,60 @@ class AttentionSamples:
     kwargs: list[dict[str, Any]] = field(default_factory=list)  # hidden_states, rope, mask
     outputs: list[torch.Tensor] = field(default_factory=list)  # its output per batch
 
+    def join_last(self, n: int) -> None:
+        """Join the last ``n`` forward calls into one batch (a batch run in pieces of whole
+        sequences): tensors are concatenated along the batch dimension."""
+        if n <= 1 or len(self.outputs) < n:
+            return
+        kwargs, self.kwargs[-n:] = self.kwargs[-n:], []
+        outputs, self.outputs[-n:] = self.outputs[-n:], []
+        self.kwargs.append({k: _cat([kw[k] for kw in kwargs]) for k in kwargs[0]})
+        self.outputs.append(torch.cat(outputs))
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate along the batch dimension: tensors, tuples of tensors (RoPE's cos and sin);
+    None stays None. A tensor the pieces share (batch dimension 1) is kept once."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(_cat(list(p)) for p in zip(*parts, strict=True))
+    shared = first.shape[0] == 1 and all(p.shape == first.shape for p in parts)
+    if shared and all(p is first or torch.equal(p, first) for p in parts[1:]):
+        return first
+    return torch.cat(parts)
+
 
 @contextlib.contextmanager
 def capture(
-    attention: torch.nn.Module, store: torch.device | None = None
+    attention: torch.nn.Module,
+    store: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[AttentionSamples]:
-    """Record the inputs and outputs of ``attention``'s forward calls (``store``: where)."""
+    """Record the inputs and outputs of ``attention``'s forward calls (``store``: where;
+    ``dtype``: the hidden states' and outputs' dtype there, e.g. the checkpoint's 16-bit
+    one where a CPU computes in float32: half the memory, within that dtype's rounding of
+    what the checkpoint's own precision computes)."""
     got = AttentionSamples()
 
-    def put(t: Any) -> Any:
-        return t.detach().to(store) if isinstance(t, torch.Tensor) and store is not None else t
+    def put(t: Any, cast: bool = False) -> Any:
+        if not isinstance(t, torch.Tensor) or (store is None and not cast):
+            return t
+        to = dtype if cast and dtype is not None and t.is_floating_point() else t.dtype
+        return t.detach().to(device=store or t.device, dtype=to)
 
     def hook(_mod: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         got.kwargs.append(
             {
-                "hidden_states": put(x),
+                "hidden_states": put(x, cast=True),
                 "position_embeddings": None if pe is None else tuple(put(t) for t in pe),
                 "attention_mask": put(kwargs.get("attention_mask")),
             }
         )
-        got.outputs.append(put(out[0] if isinstance(out, tuple) else out))
+        got.outputs.append(put(out[0] if isinstance(out, tuple) else out, cast=True))
 
     handle = attention.register_forward_hook(hook, with_kwargs=True)
     try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..calibration.samples import AttentionSamples
 from ..calibration.stats import LayerStats
 from ..compat import cache_kwargs
 from ..source import Source
@@ -135,11 +136,29 @@ class LayerFactory:
         }
 
 
+#: Tokens a decoder layer's forward sees at once: a calibration batch goes through in pieces
+#: of whole sequences, so the forward's temporaries (the MLP's intermediates above all) are a
+#: piece's, not the batch's; the statistics are sums, so the pieces add up to the batch.
+FORWARD_TOKENS = 512
+
+
 def run_layer(
-    layer: torch.nn.Module, factory: LayerFactory, i: int, h: torch.Tensor
+    layer: torch.nn.Module,
+    factory: LayerFactory,
+    i: int,
+    h: torch.Tensor,
+    samples: AttentionSamples | None = None,
 ) -> torch.Tensor:
-    out = layer(h, **factory.context(i, h))
-    return out[0] if isinstance(out, tuple) else out
+    """Layer ``i``'s outputs for the batch ``h``, computed a few sequences at a time; what
+    ``samples`` captured of the pieces is joined back into one entry for the batch."""
+    per = max(1, FORWARD_TOKENS // max(h.shape[1], 1))
+    outs = []
+    for piece in h.split(per):
+        out = layer(piece, **factory.context(i, piece))
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    if samples is not None:
+        samples.join_last(len(outs))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def release_memory() -> None:

@@ -238,15 +238,16 @@ def _layers(job: LayerRun, state: dict | None, results: dict[int, dict[str, Any]
             ctx.original = root.get_submodule(src.attention_path(i)) if sampled else None
             with (
                 StatsCollector(root, src.adapter, src.config, [i]) as col,
-                capture(ctx.original, store) if sampled else nullcontext() as samples,
+                capture(ctx.original, store, src.dtype) if sampled else nullcontext() as samples,
             ):
-                outs = [run_layer(layer, factory, i, a.to(device)).to(store) for a in acts]
+                outs = [run_layer(layer, factory, i, a.to(device), samples).to(store) for a in acts]
             ctx.samples = samples
             del layer, root
             all_reduce_sums(col.stats[i], world)
             _check_finite(i, col.stats[i], outs)
             ctx.stats = col.result()[i]
-            nxt = outs if recipe.propagate == "original" else None
+            if recipe.propagate == "original":  # the inputs are done with: free them first
+                nxt, acts = outs, None
             del outs, col  # the collector holds the layer: drop both before solving
         solved = target.solve_layer(ctx)
         del ctx, samples

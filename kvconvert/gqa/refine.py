@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -79,12 +79,6 @@ def _fresh(t: Any, device: torch.device | None = None) -> Any:
     return t
 
 
-def _on(t: Any, device: torch.device) -> Any:
-    if isinstance(t, tuple):
-        return tuple(_on(x, device) for x in t)
-    return t.to(device) if isinstance(t, torch.Tensor) else t
-
-
 def _trainable_copy(module: torch.nn.Module) -> None:
     """Replace every parameter and buffer of ``module`` by a float32 copy, in place: a module
     built under ``torch.inference_mode`` (the engines run there) holds inference tensors,
@@ -99,9 +93,24 @@ def _trainable_copy(module: torch.nn.Module) -> None:
                 mod._buffers[name] = _fresh(b, device)
 
 
+class Runs(NamedTuple):
+    """Where and how a module's attention runs: what a merged copy of it needs."""
+
+    impl: str | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, attention: torch.nn.Module) -> Runs:
+        weight = next(attention.parameters())
+        config = getattr(attention, "config", None)
+        return cls(getattr(config, "_attn_implementation", None), weight.device, weight.dtype)
+
+
 @dataclass
 class Refined:
-    """A refinement's result: the trained tensors by role, and the relative output error."""
+    """A refinement's result: the trained tensors by role (none where the fit did not help:
+    the merge stays as solved), and the relative output error before and after."""
 
     tensors: dict[str, torch.Tensor]
     before: float
@@ -175,21 +184,20 @@ def _refine(
     _trainable_copy(module)
     work = module.eval()  # eval: no dropout; gradients still flow
     params = {n: p for n, p in work.named_parameters() if role(n) is not None}
-    start = {n: p.detach().clone() for n, p in params.items()}
     for p in params.values():
         p.requires_grad_(True)
-    # the samples stay where the engine keeps them (--offload-activations: the CPU); each
-    # step moves the part it reads to the module's device
-    batches = [{k: _fresh(v) for k, v in kw.items()} for kw in samples.kwargs]
-    targets = [_fresh(y) for y in samples.outputs]
+    # the samples stay where and as the engine keeps them (--offload-activations: the CPU;
+    # the compute dtype): each step takes a float32 copy of the batch it reads, on the
+    # module's device, so the refinement holds one batch's copy, not all of them
+    targets = samples.outputs
     seq_len = targets[0].shape[1] if targets else 1  # a rank may hold no batch (torchrun)
     gen = torch.Generator().manual_seed(0)  # the same draws on every run and rank
     check = _draw_rows(gen, seq_len, CHECK_ROWS).to(device)
 
     def loss(j: int, rows: torch.Tensor) -> torch.Tensor:
-        kw = {k: _on(v, device) for k, v in batches[j].items()}
+        kw = {k: _fresh(v, device) for k, v in samples.kwargs[j].items()}
         out = rows_output(work, kw, rows)
-        y = targets[j].to(device)[:, rows]
+        y = _fresh(targets[j][:, rows.to(targets[j].device)], device)
         return (out - y).square().sum() / y.square().sum().clamp_min(1e-30)
 
     def mean_loss() -> float:
@@ -227,13 +235,12 @@ def _refine(
                 )
         opt.step()
     after = mean_loss()
-    if not after <= before:  # also catches NaN
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(start[n])
-        after = before
+    del opt  # its moments, before the tensors are handed back
     for p in params.values():
         p.requires_grad_(False)
+        p.grad = None
+    if not after <= before:  # also catches NaN: the caller keeps the merge as solved
+        return Refined({}, before, before)
     return Refined({role(n): p.detach() for n, p in params.items()}, before, after)
 
 

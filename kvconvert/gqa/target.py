@@ -201,7 +201,7 @@ class GQATarget(Target):
 
         def fit(i: int, samples: AttentionSamples, attn: torch.nn.Module) -> refine_mod.Refined:
             res = self.solve(i, self.counts[i], device)
-            return self.refine(i, res, samples, attn)
+            return self.refine(i, res, samples, refine_mod.Runs.of(attn))
 
         todo = [i for i in range(self.src.num_layers) if self.refines(i)]
         self.refined = refine_mod.refine_on_model(
@@ -213,24 +213,26 @@ class GQATarget(Target):
         layer: int,
         res: LayerResult,
         samples: AttentionSamples,
-        original: torch.nn.Module,
+        runs: refine_mod.Runs,
         world: int = 1,
     ) -> refine_mod.Refined:
-        """Fit the solved layer's attention to ``samples`` (what ``original`` produced), on
-        ``original``'s device and in its dtype."""
-        impl = getattr(getattr(original, "config", None), "_attn_implementation", None)
-        weight = next(original.parameters())
-        module = self.merged_module(layer, res, impl, weight.device, weight.dtype)
+        """Fit the solved layer's attention to ``samples`` (what the original attention
+        produced), run as the original ran (``runs``). The merge's tensors leave ``res`` for
+        the fit (memory: one copy of the layer, not two); where the fit does not help
+        (``Refined.tensors`` empty) solve again for the merge as solved."""
+        module = self.merged_module(layer, res, runs.impl, runs.device, runs.dtype)
+        res.weights = AttentionWeights.from_items(dict.fromkeys(res.weights.items()))
         lr = self.recipe.refine_lr or refine_mod.DEFAULT_LR
         rows = self.recipe.refine_rows
         return refine_mod.refine(module, samples, self.refine_steps(), lr, world, rows)
 
     @staticmethod
     def apply_refined(res: LayerResult, refined: refine_mod.Refined) -> None:
-        """Put the refined tensors into ``res`` (float64, as the solve left them)."""
+        """Put the refined tensors into ``res``, and the fit's errors."""
         items = res.weights.items()
         for key, t in refined.tensors.items():
-            items[key] = t.to(device=items[key].device, dtype=items[key].dtype)
+            old = items[key]
+            items[key] = t if old is None else t.to(device=old.device, dtype=old.dtype)
         res.weights = AttentionWeights.from_items(items)
         res.refine_error = (refined.before, refined.after)
 
@@ -278,9 +280,16 @@ class GQATarget(Target):
         for key, t in w.items().items():
             if t is not None and t.is_floating_point() and not t.isfinite().all():
                 raise KVConvertError(f"layer {layer}: source tensor {key} contains NaN/inf")
+        refining = ctx.samples is not None and self.refines(layer)
+        # the fit needs only how the original attention ran: its weights are freed before the
+        # solve and the fit make their own (docs/scale.md, "Refinement's cost")
+        runs = refine_mod.Runs.of(ctx.original) if refining else None
+        ctx.original = None
         res = self.solve(layer, self.counts[layer], ctx.device, w, ctx.stats)
-        if ctx.samples is not None and self.refines(layer):
-            refined = self.refine(layer, res, ctx.samples, ctx.original, ctx.world)
+        if refining:
+            refined = self.refine(layer, res, ctx.samples, runs, ctx.world)
+            if not refined.tensors:  # the fit did not help: the merge as solved
+                res = self.solve(layer, self.counts[layer], ctx.device, w, ctx.stats)
             self.apply_refined(res, refined)
         new = res.weights.items()
         check_finite(layer, new)
