@@ -24,25 +24,27 @@ class AttentionSamples:
 
     def join_last(self, n: int) -> None:
         """Join the last ``n`` forward calls into one batch (a batch run in pieces of whole
-        sequences): tensors are concatenated along the batch dimension."""
+        sequences): the hidden states and outputs are concatenated along the batch dimension;
+        what the pieces share (RoPE's cos and sin, a broadcast mask) is kept once."""
         if n <= 1 or len(self.outputs) < n:
             return
         kwargs, self.kwargs[-n:] = self.kwargs[-n:], []
         outputs, self.outputs[-n:] = self.outputs[-n:], []
-        self.kwargs.append({k: _cat([kw[k] for kw in kwargs]) for k in kwargs[0]})
+        joined = {k: _shared_or_cat([kw[k] for kw in kwargs]) for k in kwargs[0]}
+        joined["hidden_states"] = torch.cat([kw["hidden_states"] for kw in kwargs])
+        self.kwargs.append(joined)
         self.outputs.append(torch.cat(outputs))
 
 
-def _cat(parts: list[Any]) -> Any:
-    """Concatenate along the batch dimension: tensors, tuples of tensors (RoPE's cos and sin);
-    None stays None. A tensor the pieces share (batch dimension 1) is kept once."""
+def _shared_or_cat(parts: list[Any]) -> Any:
+    """One of equal pieces (RoPE's cos and sin: the same positions in every piece), else the
+    pieces concatenated along the batch dimension; tuples part by part, None stays None."""
     first = parts[0]
     if first is None:
         return None
     if isinstance(first, tuple):
-        return tuple(_cat(list(p)) for p in zip(*parts, strict=True))
-    shared = first.shape[0] == 1 and all(p.shape == first.shape for p in parts)
-    if shared and all(p is first or torch.equal(p, first) for p in parts[1:]):
+        return tuple(_shared_or_cat(list(p)) for p in zip(*parts, strict=True))
+    if all(p is first or (p.shape == first.shape and torch.equal(p, first)) for p in parts):
         return first
     return torch.cat(parts)
 

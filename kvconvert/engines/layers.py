@@ -152,9 +152,11 @@ def run_layer(
     """Layer ``i``'s outputs for the batch ``h``, computed a few sequences at a time; what
     ``samples`` captured of the pieces is joined back into one entry for the batch."""
     per = max(1, FORWARD_TOKENS // max(h.shape[1], 1))
-    outs = []
+    outs, context = [], {}
     for piece in h.split(per):
-        out = layer(piece, **factory.context(i, piece))
+        if piece.shape[0] not in context:  # positions, RoPE and mask: one per piece shape
+            context = {piece.shape[0]: factory.context(i, piece)}
+        out = layer(piece, **context[piece.shape[0]])
         outs.append(out[0] if isinstance(out, tuple) else out)
     if samples is not None:
         samples.join_last(len(outs))

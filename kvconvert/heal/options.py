@@ -213,8 +213,16 @@ class HealOptions:
 #: The healing options ``kvconvert convert`` takes too, as ``--heal-<name>``.
 IN_CONVERT = ("steps", "train", "lora", "lr", "final_lr", "batch_size", "seq_len", "num_samples")
 #: What a convert-then-heal run's healing shares with its conversion, by the same name.
-SHARED = ("calibration", "text_field", "seed", "device", "threads", "revision")
-SHARED += ("trust_remote_code", "overwrite")
+SHARED = (
+    "calibration",
+    "text_field",
+    "seed",
+    "device",
+    "threads",
+    "revision",
+    "trust_remote_code",
+    "overwrite",
+)
 
 
 def _heal_group() -> type:
