@@ -4,8 +4,9 @@ on, and how").
 
     python benchmarks/heal_text.py smol/model OUT_DIR [--threads 2]
 
-Writes, with the sampler and seed ``kvconvert heal --calibration self`` uses (BOS, temperature
-1, seed 0; each sequence's text depends only on its index):
+Writes, with the sampler and seed ``kvconvert heal --calibration self`` uses
+(``kvconvert.heal.data.sample_tokens``: BOS, temperature 1, seed 0; each sequence's text
+depends only on its index):
 
 - ``self128.jsonl``: 816 x 128 tokens, what the default heal samples (100 steps x 8 + 16
   held out);
@@ -24,13 +25,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from kvconvert.calibration.data import sample_from_model
-from kvconvert.loading import bos_token_id
-from kvconvert.source import read_config
+from kvconvert.heal.data import sample_tokens
+from kvconvert.heal.options import HealOptions
 
 #: (file, sequences, tokens each)
 TEXTS = (("self128.jsonl", 816, 128), ("self512.jsonl", 216, 512))
-BATCH = 128
 
 
 def main() -> None:
@@ -43,18 +42,15 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     folder = Path(a.model)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    bos = bos_token_id(folder, read_config(folder), None)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, n, seq_len in TEXTS:
         start = time.time()
+        opts = HealOptions(seq_len=seq_len, seed=0)  # heal's sampler, as --calibration self runs it
         with torch.no_grad():
-            parts = [
-                sample_from_model(model, bos, min(BATCH, n - i), seq_len, BATCH, 0, first=i)
-                for i in range(0, n, BATCH)
-            ]
+            tokens = sample_tokens(model, folder, n, opts, out / "sampled.pt", progress=True)
         with open(out / name, "w") as f:
-            for row in torch.cat(parts).tolist():
+            for row in tokens.tolist():
                 f.write(json.dumps({"input_ids": row}) + "\n")
         print(f"{name}: {n} x {seq_len} tokens in {time.time() - start:.0f} s")
 

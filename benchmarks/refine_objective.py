@@ -30,14 +30,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvconvert.calibration.data import load_documents, tokenize_documents
-from kvconvert.gqa.refine import rows_output
+from kvconvert.gqa.refine import _draw_rows, rows_output
 
 PEAK, ROWS, BATCH = 0.02, 64, 8
-
-
-def draw(gen: torch.Generator, seq: int) -> torch.Tensor:
-    """ROWS distinct query positions of ``seq``, as ``--refine-rows`` draws them."""
-    return torch.randperm(seq, generator=gen)[:ROWS].sort().values
 
 
 def fit(attn, loss, steps: int, peaks: list[float], check: torch.Tensor, data: tuple) -> tuple:
@@ -59,7 +54,7 @@ def fit(attn, loss, steps: int, peaks: list[float], check: torch.Tensor, data: t
         for g, peak in zip(opt.param_groups, peaks, strict=True):
             g["lr"] = peak * 0.5 * (1 + math.cos(math.pi * s / steps))
         opt.zero_grad()
-        loss(s % batches, draw(gen, seq)).backward()
+        loss(s % batches, _draw_rows(gen, seq, ROWS)).backward()
         opt.step()
     for p in params:
         p.requires_grad_(False)
@@ -116,7 +111,7 @@ def main() -> None:
             no, nc = lo.input_layernorm(xo), lc.input_layernorm(xc)
             ao = lo.self_attn(no, position_embeddings=(cos, sin), attention_mask=None)[0]
 
-        check = draw(gen, a.seq_len)  # one set per layer, for both fits
+        check = _draw_rows(gen, a.seq_len, ROWS)  # one set per layer, for both fits
         peaks = [PEAK * float(p.square().mean().sqrt()) for p in attn.parameters()]
         streams = {"local": (no, ao), "drift": (nc, xo + ao - xc)}
         for name, steps in (("local", a.local_steps), ("drift", a.drift_steps)):
